@@ -1,0 +1,37 @@
+# `make run` serves on 127.0.0.1:8090 with ./pb_data; `make test` runs the whole suite.
+# Both install what they need into .venv (and tests/e2e/node_modules) first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HTTP   ?= 127.0.0.1:8090
+DIR    ?= ./pb_data
+
+.PHONY: run test install install-test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+tests/e2e/node_modules/.installed: tests/e2e/package.json tests/e2e/package-lock.json
+	cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test tests/e2e/node_modules/.installed
+
+run: install
+	$(PY) -m server serve --http $(HTTP) --dir $(DIR)
+
+test: install-test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) tests/e2e/node_modules .pytest_cache

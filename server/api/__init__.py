@@ -1,0 +1,145 @@
+"""The HTTP layer: Starlette routes over the ``App`` core, PocketBase's error shape, request logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..app import App
+from ..errors import ApiError, NotFound
+from . import collections, crons, files, health, record_auth, records, settings
+
+logger = logging.getLogger("server.api")
+
+
+def routes() -> list[Route]:
+    c = "/api/collections/{collection}"
+    return [
+        Route("/api/health", health.health, methods=["GET", "HEAD"]),
+        Route(c + "/auth-with-password", record_auth.auth_with_password, methods=["POST"]),
+        Route(c + "/auth-refresh", record_auth.auth_refresh, methods=["POST"]),
+        Route(c + "/auth-methods", record_auth.auth_methods, methods=["GET"]),
+        Route(c + "/records", records.list_records, methods=["GET"]),
+        Route(c + "/records", records.create_record, methods=["POST"]),
+        Route(c + "/records/{record}", records.view_record, methods=["GET"]),
+        Route(c + "/records/{record}", records.update_record, methods=["PATCH"]),
+        Route(c + "/records/{record}", records.delete_record, methods=["DELETE"]),
+        Route("/api/collections", collections.list_collections, methods=["GET"]),
+        Route("/api/collections", collections.create_collection, methods=["POST"]),
+        Route(c, collections.view_collection, methods=["GET"]),
+        Route(c, collections.update_collection, methods=["PATCH"]),
+        Route(c, collections.delete_collection, methods=["DELETE"]),
+        Route("/api/files/token", files.file_token, methods=["POST"]),
+        Route("/api/files/{collection}/{record}/{filename}", files.download, methods=["GET", "HEAD"]),
+        Route("/api/settings", settings.get_settings, methods=["GET"]),
+        Route("/api/settings", settings.patch_settings, methods=["PATCH"]),
+        Route("/api/crons", crons.list_crons, methods=["GET"]),
+        Route("/api/crons/{id}", crons.run_cron, methods=["POST"]),
+    ]
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.to_json(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return JSONResponse(NotFound().to_json(), status_code=404)
+    message = {405: "Method not allowed."}.get(exc.status_code, str(exc.detail))
+    return JSONResponse({"status": exc.status_code, "message": message, "data": {}}, status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    core: App = request.app.state.core
+    core.logs.error("Unhandled error", url=request.url.path, method=request.method, error=type(exc).__name__)
+    body = {"status": 500, "message": "Something went wrong while processing your request.", "data": {}}
+    return JSONResponse(body, status_code=500)
+
+
+class RequestLogMiddleware:
+    """Writes one ``_logs`` entry per API request, and closes spooled upload files afterwards."""
+
+    def __init__(self, app: ASGIApp, core: App) -> None:
+        self.app = app
+        self.core = core
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            state: dict[str, Any] = scope.get("state", {})
+            form = state.get("form")
+            if form is not None:
+                await form.close()
+            self._log(scope, state, status, time.perf_counter() - started)
+
+    def _log(self, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+        settings = self.core.settings.data["logs"]
+        if settings["maxDays"] == 0:
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        who = state.get("requester")
+        client = scope.get("client") or ("", 0)
+        data: dict[str, Any] = {
+            "type": "request",
+            "method": scope.get("method", ""),
+            "url": path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else ""),
+            "status": status,
+            "execTime": round(seconds * 1000, 3),
+            "userAgent": headers.get("user-agent", ""),
+            "referer": headers.get("referer", ""),
+            "auth": "" if who is None or who.collection is None else who.collection.name,
+        }
+        if settings["logIP"]:
+            data["remoteIP"] = client[0]
+        if settings["logAuthId"] and who is not None and who.record is not None:
+            data["authId"] = who.record["id"]
+        level = 8 if status >= 500 else 4 if status >= 400 else 0
+        if level >= settings["minLevel"]:
+            self.core.logs.add(level, f"{data['method']} {path}", data)
+
+
+def create_asgi_app(core: App) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await core.start()
+        try:
+            yield
+        finally:
+            await core.close()
+
+    app = Starlette(
+        routes=routes(),
+        lifespan=lifespan,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected_error},
+    )
+    app.state.core = core
+    app.add_middleware(RequestLogMiddleware, core=core)
+    return app

@@ -1,0 +1,74 @@
+"""The application core: the data directory, its databases and the services built on them.
+
+``App`` is what the HTTP layer, the CLI and (later) the backup manager share. It holds no HTTP
+concerns; ``server.api.create_asgi_app`` wraps it for uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from .collections import SUPERUSERS, CollectionStore
+from .cron import Scheduler
+from .database import Database
+from .datadir import DataDir
+from .logs import LogWriter
+from .records import RecordService
+from .settings import Settings
+
+logger = logging.getLogger("server")
+
+
+class App:
+    def __init__(self, data_dir: str | Path, *, scheduler: Scheduler | None = None) -> None:
+        self.datadir = DataDir(Path(data_dir).resolve())
+        self.db = Database(self.datadir.data_db)
+        self.aux_db = Database(self.datadir.aux_db)
+        self.collections = CollectionStore(self.db, self.datadir)
+        self.records = RecordService(self.db, self.collections, self.datadir)
+        self.settings = Settings(self.db)
+        self.logs = LogWriter(self.aux_db)
+        self.scheduler = scheduler or Scheduler()
+        self._started = False
+
+    async def open(self) -> None:
+        """Open the databases and bring their schema up to date (no background tasks)."""
+        await asyncio.to_thread(self.datadir.prepare)
+        await self.db.open()
+        await self.aux_db.open()
+        await self.collections.bootstrap()
+        await self.settings.load()
+
+    async def start(self) -> None:
+        """``open`` plus the background work of a serving process: log writer and scheduler."""
+        await self.open()
+        await self.logs.start()
+        self._register_system_jobs()
+        self.scheduler.on_error = lambda job_id, exc: self.logs.error(f"Cron job {job_id} failed", error=str(exc))
+        self.scheduler.start()
+        self._started = True
+
+    async def close(self) -> None:
+        if self._started:
+            await self.scheduler.stop()
+            await self.logs.stop()
+            self._started = False
+        await self.aux_db.close()
+        await self.db.close()
+
+    async def has_superuser(self) -> bool:
+        return bool(await self.db.scalar(f'SELECT EXISTS (SELECT 1 FROM "{SUPERUSERS}")'))
+
+    def _register_system_jobs(self) -> None:
+        async def logs_cleanup() -> None:
+            await self.logs.delete_older_than(int(self.settings.data["logs"]["maxDays"]))
+
+        async def db_optimize() -> None:
+            for database in (self.db, self.aux_db):
+                await database.execute("PRAGMA optimize")
+                await database.scalar("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        self.scheduler.add("__pbLogsCleanup__", "0 */6 * * *", logs_cleanup)
+        self.scheduler.add("__pbDBOptimize__", "0 0 * * *", db_optimize)

@@ -1,0 +1,46 @@
+"""The layout of the data directory (``pb_data``) and its preparation at start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @property
+    def data_db(self) -> Path:
+        return self.root / "data.db"
+
+    @property
+    def aux_db(self) -> Path:
+        return self.root / "auxiliary.db"
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+    @property
+    def backups(self) -> Path:
+        return self.root / "backups"
+
+    @property
+    def temp(self) -> Path:
+        return self.root / ".pb_temp_to_delete"
+
+    def record_dir(self, collection_id: str, record_id: str) -> Path:
+        return self.storage / collection_id / record_id
+
+    def prepare(self) -> None:
+        """Create the directories and empty the temp one (blocking: call before serving)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for directory in (self.storage, self.backups):
+            directory.mkdir(exist_ok=True)
+        if self.temp.exists():
+            shutil.rmtree(self.temp, ignore_errors=True)
+        self.temp.mkdir(exist_ok=True)
+        os.chmod(self.temp, 0o700)

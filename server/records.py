@@ -1,0 +1,729 @@
+"""Records of a collection: value validation, access rules, files, and the CRUD itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import shutil
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass, field as dataclass_field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from . import auth as tokens
+from . import fields as F
+from .collections import Collection, CollectionStore
+from .database import Database, Transaction
+from .datadir import DataDir
+from .errors import BadRequest, Forbidden, NotFound, ValidationError, field_error
+from .tools import filter as filters
+from .tools import mimetypes
+from .tools.security import random_id, random_string
+from .tools.times import normalize_datetime, now
+
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.I)
+_ID_RE = re.compile(r"^[a-z0-9]+$")
+_SORT_RE = re.compile(r"^([+-]?)(\w+)$")
+MAX_PER_PAGE = 1000
+DEFAULT_PER_PAGE = 30
+_TRUE = {"true", "1", "on", "yes"}
+_FALSE = {"false", "0", "off", "no", ""}
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who makes a request: nobody, a superuser, or a record of an auth collection."""
+
+    record: dict[str, Any] | None = None
+    collection: Collection | None = None
+
+    @property
+    def is_superuser(self) -> bool:
+        return self.collection is not None and self.collection.is_superusers
+
+    def rule_context(self) -> dict[str, Any] | None:
+        if self.record is None or self.collection is None:
+            return None
+        return {**self.record, "collectionId": self.collection.id, "collectionName": self.collection.name}
+
+
+GUEST = Requester()
+
+
+@dataclass
+class IncomingFile:
+    """An uploaded file, already spooled by the HTTP layer: read it from ``stream``."""
+
+    filename: str
+    size: int
+    stream: BinaryIO
+
+
+@dataclass
+class RecordInput:
+    data: dict[str, Any] = dataclass_field(default_factory=dict)
+    files: dict[str, list[IncomingFile]] = dataclass_field(default_factory=dict)
+    from_form: bool = False  # multipart/urlencoded: every value arrived as a string
+
+
+@dataclass
+class Page:
+    page: int
+    per_page: int
+    total_items: int
+    total_pages: int
+    items: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"items": self.items, "page": self.page, "perPage": self.per_page,
+                "totalItems": self.total_items, "totalPages": self.total_pages}
+
+
+def _error(code: str, message: str, **params: Any) -> dict[str, Any]:
+    out: dict[str, Any] = field_error(code, message)
+    if params:
+        out["params"] = params
+    return out
+
+
+def _file_name(original: str) -> str:
+    """``<snake_name>_<random>.<ext>`` as PocketBase names stored files."""
+    base, ext = os.path.splitext(os.path.basename(original.replace("\\", "/")))
+    ext = re.sub(r"[^a-z0-9.]", "", ext.lower())[:20]
+    base = re.sub(r"[^a-z0-9]+", "_", base.lower()).strip("_")[:100]
+    if len(base) < 3:
+        base = random_string(10, "abcdefghijklmnopqrstuvwxyz0123456789")
+    return f"{base}_{random_string(10, 'abcdefghijklmnopqrstuvwxyz0123456789')}{ext}"
+
+
+class RecordService:
+    def __init__(self, db: Database, collections: CollectionStore, datadir: DataDir) -> None:
+        self._db = db
+        self._collections = collections
+        self._datadir = datadir
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def list(self, collection: Collection, requester: Requester, params: Mapping[str, str]) -> Page:
+        rule = collection.rule("listRule")
+        if rule is None and not requester.is_superuser:
+            raise Forbidden("Only superusers can perform this action.")
+        page = _positive_int(params.get("page"), 1, "page")
+        per_page = min(_positive_int(params.get("perPage"), DEFAULT_PER_PAGE, "perPage"), MAX_PER_PAGE)
+        columns = set(collection.field_names())
+        where, args = self._rule_sql(collection, requester, "listRule")
+        raw_filter = params.get("filter", "")
+        if raw_filter.strip():
+            try:
+                node = filters.parse(raw_filter, columns - _hidden_names(collection))
+            except filters.FilterError as exc:
+                raise BadRequest(f"Invalid filter: {exc}") from exc
+            sql, filter_args = filters.to_sql(node, requester.rule_context())
+            where, args = f"({where}) AND {sql}", args + filter_args
+        order = self._order_by(params.get("sort", ""), columns - _hidden_names(collection))
+        table = F.quote(collection.name)
+        skip_total = params.get("skipTotal", "").lower() in _TRUE
+        offset = (page - 1) * per_page
+        rows = await self._db.fetchall(
+            f"SELECT * FROM {table} WHERE {where} {order} LIMIT ? OFFSET ?", args + [per_page, offset]
+        )
+        if skip_total:
+            total_items = total_pages = -1
+        else:
+            total_items = int(await self._db.scalar(f"SELECT COUNT(*) FROM {table} WHERE {where}", args))
+            total_pages = math.ceil(total_items / per_page)
+        items = [self.to_json(collection, row, requester) for row in rows]
+        return Page(page, per_page, total_items, total_pages, _pick_fields(items, params.get("fields")))
+
+    async def view(self, collection: Collection, record_id: str, requester: Requester) -> dict[str, Any]:
+        if collection.rule("viewRule") is None and not requester.is_superuser:
+            raise Forbidden("Only superusers can perform this action.")
+        row = await self._fetch_allowed(collection, record_id, requester, "viewRule")
+        return self.to_json(collection, row, requester)
+
+    async def find_row(self, collection: Collection, record_id: str) -> sqlite3.Row | None:
+        return await self._db.fetchone(f"SELECT * FROM {F.quote(collection.name)} WHERE id = ?", (record_id,))
+
+    async def find_auth_row(self, collection: Collection, identity: str) -> sqlite3.Row | None:
+        identity_fields = collection.options.get("passwordAuth", {}).get("identityFields") or ["email"]
+        for name in identity_fields:
+            if collection.field(name) is None:
+                continue
+            row = await self._db.fetchone(
+                f"SELECT * FROM {F.quote(collection.name)} WHERE {F.quote(name)} = ? COLLATE NOCASE", (identity,)
+            )
+            if row is not None:
+                return row
+        return None
+
+    async def can_access(self, collection: Collection, record_id: str, requester: Requester, rule_name: str) -> bool:
+        try:
+            await self._fetch_allowed(collection, record_id, requester, rule_name)
+        except NotFound:
+            return False
+        return True
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def create(self, collection: Collection, payload: RecordInput, requester: Requester) -> dict[str, Any]:
+        rule = collection.rule("createRule")
+        if rule is None and not requester.is_superuser:
+            raise Forbidden("Only superusers can perform this action.")
+        values, pending, errors = await self._prepare(collection, payload, requester, None)
+        if errors:
+            raise ValidationError(errors, "Failed to create record.")
+        if rule and not requester.is_superuser and not await self._candidate_matches(collection, rule, values, requester):
+            raise BadRequest("Failed to create record.")
+        written = await self._write_files(collection, values["id"], pending)
+        try:
+            async with self._db.transaction() as tx:
+                await self._insert(tx, collection, values)
+        except BaseException:
+            await asyncio.to_thread(_remove_files, written)
+            raise
+        row = await self.find_row(collection, values["id"])
+        assert row is not None
+        return self.to_json(collection, row, requester)
+
+    async def update(self, collection: Collection, record_id: str, payload: RecordInput, requester: Requester) -> dict[str, Any]:
+        if collection.rule("updateRule") is None and not requester.is_superuser:
+            raise Forbidden("Only superusers can perform this action.")
+        current = await self._fetch_allowed(collection, record_id, requester, "updateRule")
+        values, pending, errors = await self._prepare(collection, payload, requester, current)
+        if errors:
+            raise ValidationError(errors, "Failed to update record.")
+        written = await self._write_files(collection, record_id, pending)
+        try:
+            async with self._db.transaction() as tx:
+                assignments = ", ".join(f"{F.quote(k)} = ?" for k in values)
+                await tx.execute(
+                    f"UPDATE {F.quote(collection.name)} SET {assignments} WHERE id = ?",
+                    [_to_sql(v) for v in values.values()] + [record_id],
+                )
+        except sqlite3.IntegrityError as exc:
+            await asyncio.to_thread(_remove_files, written)
+            raise _unique_error(exc, "Failed to update record.") from exc
+        except BaseException:
+            await asyncio.to_thread(_remove_files, written)
+            raise
+        await self._delete_replaced_files(collection, current, values)
+        row = await self.find_row(collection, record_id)
+        assert row is not None
+        return self.to_json(collection, row, requester)
+
+    async def delete(self, collection: Collection, record_id: str, requester: Requester) -> None:
+        if collection.rule("deleteRule") is None and not requester.is_superuser:
+            raise Forbidden("Only superusers can perform this action.")
+        await self._fetch_allowed(collection, record_id, requester, "deleteRule")
+        if collection.is_superusers and int(await self._db.scalar(f"SELECT COUNT(*) FROM {F.quote(collection.name)}")) <= 1:
+            raise BadRequest("You can't delete the only existing superuser.")
+        await self._db.execute(f"DELETE FROM {F.quote(collection.name)} WHERE id = ?", (record_id,))
+        target = self._datadir.record_dir(collection.id, record_id)
+        await asyncio.to_thread(shutil.rmtree, target, True)
+
+    async def set_password(self, collection: Collection, record_id: str, password: str) -> None:
+        hashed = await tokens.hash_password(password)
+        await self._db.execute(
+            f"UPDATE {F.quote(collection.name)} SET password = ?, tokenKey = ?, updated = ? WHERE id = ?",
+            (hashed, tokens.new_token_key(), now(), record_id),
+        )
+
+    async def insert_auth_record(self, collection: Collection, email: str, password: str) -> str:
+        """Create an auth record directly (the CLI's superuser upsert); returns its id."""
+        values = self._defaults(collection)
+        values.update(id=random_id(), email=email, password=await tokens.hash_password(password),
+                      tokenKey=tokens.new_token_key(), verified=True)
+        async with self._db.transaction() as tx:
+            await self._insert(tx, collection, values)
+        return values["id"]
+
+    # --- serialisation ---------------------------------------------------------------------
+
+    def to_json(self, collection: Collection, row: Mapping[str, Any], requester: Requester) -> dict[str, Any]:
+        out: dict[str, Any] = {"collectionId": collection.id, "collectionName": collection.name}
+        show_email = True
+        if collection.is_auth:
+            is_owner = requester.record is not None and requester.collection is not None \
+                and requester.collection.id == collection.id and requester.record.get("id") == row["id"]
+            show_email = bool(row["emailVisibility"]) or requester.is_superuser or is_owner
+        for field in collection.fields:
+            if field.get("hidden") or (field["name"] == "email" and collection.is_auth and not show_email):
+                continue
+            out[field["name"]] = decode_value(field, row[field["name"]])
+        return dict(sorted(out.items()))
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _rule_sql(self, collection: Collection, requester: Requester, rule_name: str) -> tuple[str, list[Any]]:
+        rule = collection.rule(rule_name)
+        if requester.is_superuser or rule == "":
+            return "1", []
+        if rule is None:
+            return "0", []
+        node = filters.parse(rule, set(collection.field_names()))
+        return filters.to_sql(node, requester.rule_context())
+
+    async def _fetch_allowed(self, collection: Collection, record_id: str, requester: Requester, rule_name: str) -> sqlite3.Row:
+        where, args = self._rule_sql(collection, requester, rule_name)
+        row = await self._db.fetchone(
+            f"SELECT * FROM {F.quote(collection.name)} WHERE id = ? AND {where}", [record_id, *args]
+        )
+        if row is None:
+            raise NotFound()
+        return row
+
+    def _order_by(self, raw: str, columns: set[str]) -> str:
+        parts = []
+        for item in (p.strip() for p in raw.split(",")):
+            if not item:
+                continue
+            if item == "@random":
+                parts.append("RANDOM()")
+                continue
+            match = _SORT_RE.match(item)
+            if match is None or match.group(2) not in columns:
+                raise BadRequest(f"Invalid sort field {item!r}.")
+            parts.append(f"{F.quote(match.group(2))} {'DESC' if match.group(1) == '-' else 'ASC'}")
+        parts.append("rowid ASC")
+        return "ORDER BY " + ", ".join(parts)
+
+    async def _candidate_matches(self, collection: Collection, rule: str, values: dict[str, Any], requester: Requester) -> bool:
+        node = filters.parse(rule, set(collection.field_names()))
+        condition, args = filters.to_sql(node, requester.rule_context(), table_alias="candidate")
+        projection = ", ".join(f"? AS {F.quote(name)}" for name in values)
+        row = await self._db.fetchone(
+            f"SELECT 1 FROM (SELECT {projection}) AS candidate WHERE {condition}",
+            [_to_sql(v) for v in values.values()] + args,
+        )
+        return row is not None
+
+    def _defaults(self, collection: Collection) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        stamp = now()
+        for field in collection.fields:
+            kind = field["type"]
+            if kind == "autodate":
+                values[field["name"]] = stamp
+            elif kind == "number":
+                values[field["name"]] = 0
+            elif kind == "bool":
+                values[field["name"]] = False
+            elif kind == "json":
+                values[field["name"]] = None
+            elif F.is_multiple(field):
+                values[field["name"]] = []
+            else:
+                values[field["name"]] = ""
+        return values
+
+    async def _prepare(
+        self, collection: Collection, payload: RecordInput, requester: Requester, current: sqlite3.Row | None
+    ) -> tuple[dict[str, Any], list[tuple[str, IncomingFile]], dict[str, Any]]:
+        """Validate ``payload`` against ``collection``. Returns the column values to write (all of
+        them on create, the changed ones on update), the files to store, and the errors."""
+        creating = current is None
+        data = payload.data
+        errors: dict[str, Any] = {}
+        if creating:
+            values = self._defaults(collection)
+        else:
+            values = {f["name"]: decode_value(f, current[f["name"]]) for f in collection.fields}
+        changed: set[str] = set()
+        pending: list[tuple[str, IncomingFile]] = []
+        stamp = now()
+
+        for field in collection.fields:
+            name, kind = field["name"], field["type"]
+            if kind == "autodate":
+                if creating and field.get("onCreate") or not creating and field.get("onUpdate"):
+                    values[name] = stamp
+                    changed.add(name)
+                continue
+            if kind == "password" or name == "tokenKey":
+                continue
+            if name == "id":
+                if creating and data.get("id") not in (None, ""):
+                    problem = _check_id(data["id"])
+                    if problem:
+                        errors["id"] = problem
+                    else:
+                        values["id"] = data["id"]
+                elif creating:
+                    values["id"] = random_id()
+                continue
+            if collection.is_auth and name == "verified" and "verified" in data and not requester.is_superuser:
+                if creating or bool(data["verified"]) != bool(values["verified"]):
+                    errors["verified"] = _error("validation_values_mismatch", "Only superusers can change the verified state.")
+                    continue
+            if kind == "file":
+                problem = self._prepare_file(field, data, payload.files, values, pending, creating)
+                if problem:
+                    errors[name] = problem
+                elif any(k in data for k in (name, name + "+", name + "-")) or any(
+                    k in payload.files for k in (name, name + "+")
+                ):
+                    changed.add(name)
+                if field.get("required") and not values[name] and name not in errors:
+                    errors[name] = _error("validation_required", "Cannot be blank.")
+                continue
+            present = name in data or (kind == "select" and F.is_multiple(field) and (name + "+" in data or name + "-" in data))
+            if present:
+                value, problem = _coerce(field, data, values[name], payload.from_form)
+                if problem:
+                    errors[name] = problem
+                    continue
+                values[name] = value
+                changed.add(name)
+            problem = _validate(field, values[name])
+            if problem and (present or creating):
+                errors[name] = problem
+
+        if collection.is_auth:
+            await self._prepare_password(data, values, errors, changed, creating)
+        if errors:
+            return values, pending, errors
+        if not creating:
+            values = {k: v for k, v in values.items() if k in changed}
+        for unique in ("email",) if collection.is_auth else ():
+            if unique in values and values[unique]:
+                duplicate = await self._db.fetchone(
+                    f"SELECT id FROM {F.quote(collection.name)} WHERE email = ? COLLATE NOCASE AND id != ?",
+                    (values[unique], "" if creating else current["id"]),
+                )
+                if duplicate is not None:
+                    errors[unique] = _error("validation_not_unique", "Value must be unique.")
+        if creating and "id" in values and "id" not in errors:
+            if await self.find_row(collection, values["id"]) is not None:
+                errors["id"] = _error("validation_not_unique", "Value must be unique.")
+        return values, pending, errors
+
+    async def _prepare_password(self, data: dict[str, Any], values: dict[str, Any], errors: dict[str, Any],
+                                changed: set[str], creating: bool) -> None:
+        password = data.get("password")
+        if not creating and password in (None, ""):
+            return
+        if not isinstance(password, str) or password == "":
+            errors["password"] = _error("validation_required", "Cannot be blank.")
+        elif len(password) < 8:
+            errors["password"] = _error("validation_min_text_constraint", "Must be at least 8 character(s).", min=8)
+        elif len(password.encode()) > tokens.MAX_PASSWORD_BYTES:
+            errors["password"] = _error("validation_max_text_constraint", "Must be no more than 71 bytes.", max=71)
+        confirm = data.get("passwordConfirm")
+        if confirm in (None, ""):
+            errors["passwordConfirm"] = _error("validation_required", "Cannot be blank.")
+        elif confirm != password:
+            errors["passwordConfirm"] = _error("validation_values_mismatch", "Values don't match.")
+        if errors:
+            return
+        values["password"] = await tokens.hash_password(password)
+        values["tokenKey"] = tokens.new_token_key()
+        changed.update(("password", "tokenKey"))
+
+    def _prepare_file(self, field: dict[str, Any], data: dict[str, Any], files: dict[str, list[IncomingFile]],
+                      values: dict[str, Any], pending: list[tuple[str, IncomingFile]], creating: bool) -> dict[str, Any] | None:
+        name = field["name"]
+        multiple = F.is_multiple(field)
+        existing = list(values[name]) if multiple else ([values[name]] if values[name] else [])
+        kept = existing
+        if name in data:
+            given = data[name]
+            given_list = [] if given in (None, "") else (given if isinstance(given, list) else [given])
+            if not all(isinstance(g, str) for g in given_list):
+                return _error("validation_invalid_value", "Must be a list of existing file names.")
+            unknown = [g for g in given_list if g not in existing]
+            if unknown:
+                return _error("validation_invalid_value", f"Unknown file {unknown[0]!r}.")
+            kept = given_list
+        elif name in files:
+            kept = [] if not multiple else ([] if not creating and files.get(name) else existing)
+        removed = data.get(name + "-")
+        if removed is not None:
+            removed_list = removed if isinstance(removed, list) else [removed]
+            kept = [k for k in kept if k not in removed_list]
+        uploads = list(files.get(name, [])) + list(files.get(name + "+", []))
+        max_size = int(field.get("maxSize") or F.DEFAULT_FILE_MAX_SIZE)
+        allowed = field.get("mimeTypes") or []
+        new_names: list[str] = []
+        for upload in uploads:
+            if upload.size > max_size:
+                return _error("validation_file_size_limit",
+                              f"Failed to upload {os.path.basename(upload.filename)} - the maximum allowed file size is {max_size} bytes.",
+                              maxSize=max_size)
+            if allowed:
+                head = upload.stream.read(mimetypes.SNIFF_LENGTH)
+                upload.stream.seek(0)
+                detected = mimetypes.detect(head)
+                if not mimetypes.matches(detected, allowed):
+                    return _error("validation_invalid_mime_type",
+                                  f"{os.path.basename(upload.filename)!r} ({detected.split(';')[0]}) mime type must be one of: {', '.join(allowed)}.")
+            stored = _file_name(upload.filename)
+            new_names.append(stored)
+            pending.append((stored, upload))
+        result = kept + new_names
+        limit = int(field.get("maxSelect") or 1)
+        if len(result) > limit:
+            pending[len(pending) - len(new_names):] = []
+            return _error("validation_max_select_constraint", f"Select no more than {limit}.", maxSelect=limit)
+        values[name] = result if multiple else (result[0] if result else "")
+        return None
+
+    async def _write_files(self, collection: Collection, record_id: str, pending: list[tuple[str, IncomingFile]]) -> list[Path]:
+        if not pending:
+            return []
+        directory = self._datadir.record_dir(collection.id, record_id)
+        return await asyncio.to_thread(_store_files, directory, pending)
+
+    async def _delete_replaced_files(self, collection: Collection, current: sqlite3.Row, values: dict[str, Any]) -> None:
+        stale: list[Path] = []
+        directory = self._datadir.record_dir(collection.id, current["id"])
+        for field in collection.file_fields():
+            if field["name"] not in values:
+                continue
+            before = decode_value(field, current[field["name"]])
+            after = values[field["name"]]
+            before_set = set(before if isinstance(before, list) else [before] if before else [])
+            after_set = set(after if isinstance(after, list) else [after] if after else [])
+            stale.extend(directory / name for name in before_set - after_set)
+        if stale:
+            await asyncio.to_thread(_remove_files, stale)
+
+    async def _insert(self, tx: Transaction, collection: Collection, values: dict[str, Any]) -> None:
+        columns = ", ".join(F.quote(k) for k in values)
+        marks = ", ".join("?" for _ in values)
+        try:
+            await tx.execute(
+                f"INSERT INTO {F.quote(collection.name)} ({columns}) VALUES ({marks})",
+                [_to_sql(v) for v in values.values()],
+            )
+        except sqlite3.IntegrityError as exc:
+            raise _unique_error(exc, "Failed to create record.") from exc
+
+
+def _store_files(directory: Path, pending: list[tuple[str, IncomingFile]]) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        for name, upload in pending:
+            target = directory / name
+            upload.stream.seek(0)
+            with open(target, "xb") as out:
+                written.append(target)
+                shutil.copyfileobj(upload.stream, out, 1 << 20)
+    except BaseException:
+        _remove_files(written)
+        raise
+    return written
+
+
+def _remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _unique_error(exc: sqlite3.IntegrityError, message: str) -> ValidationError:
+    match = re.search(r"UNIQUE constraint failed: \w+\.(\w+)", str(exc))
+    column = match.group(1) if match else "id"
+    return ValidationError({column: _error("validation_not_unique", "Value must be unique.")}, message)
+
+
+def _hidden_names(collection: Collection) -> set[str]:
+    return {f["name"] for f in collection.fields if f.get("hidden")}
+
+
+def _positive_int(raw: str | None, default: int, name: str) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise BadRequest(f"Invalid {name} value.") from exc
+    return value if value > 0 else default
+
+
+def _pick_fields(items: list[dict[str, Any]], raw: str | None) -> list[dict[str, Any]]:
+    if not raw or "*" in raw.split(","):
+        return items
+    wanted = {name.strip() for name in raw.split(",") if name.strip()}
+    return [{k: v for k, v in item.items() if k in wanted} for item in items]
+
+
+def _check_id(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, str):
+        return _error("validation_invalid_value", "Must be a string.")
+    if len(value) < 15:
+        return _error("validation_min_text_constraint", "Must be at least 15 character(s).", min=15)
+    if len(value) > 15:
+        return _error("validation_max_text_constraint", "Must be no more than 15 character(s).", max=15)
+    if not _ID_RE.match(value):
+        return _error("validation_invalid_format", "Invalid value format.")
+    return None
+
+
+def _to_sql(value: Any) -> Any:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def decode_value(field: dict[str, Any], raw: Any) -> Any:
+    kind = field["type"]
+    if kind == "number":
+        value = float(raw or 0)
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    if kind == "bool":
+        return bool(raw)
+    if kind == "json":
+        if raw is None:
+            return None
+        if isinstance(raw, (int, float)):
+            return raw
+        try:
+            return json.loads(raw)
+        except (TypeError, ValueError):
+            return raw
+    if F.is_multiple(field):
+        if isinstance(raw, str) and raw.startswith("["):
+            try:
+                return list(json.loads(raw))
+            except ValueError:
+                return []
+        return [raw] if raw else []
+    return "" if raw is None else str(raw)
+
+
+def _coerce(field: dict[str, Any], data: dict[str, Any], current: Any, from_form: bool) -> tuple[Any, dict[str, Any] | None]:
+    """The stored form of the client's value for ``field``, or the error that refuses it."""
+    name, kind = field["name"], field["type"]
+    value = data.get(name, current)
+    if kind in ("text", "email", "url"):
+        if value is None:
+            return "", None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and kind == "text":
+            return str(value), None
+        if not isinstance(value, str):
+            return None, _error("validation_invalid_value", "Must be a string.")
+        return (value.strip() if kind != "text" else value), None
+    if kind == "number":
+        if value is None or value == "":
+            return 0, None
+        if isinstance(value, bool):
+            return None, _error("validation_invalid_number", "Must be a number.")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                return None, _error("validation_invalid_number", "Must be a number.")
+        if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+            return None, _error("validation_invalid_number", "Must be a number.")
+        return (int(value) if float(value).is_integer() and abs(value) < 2**53 else float(value)), None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value, None
+        if value is None:
+            return False, None
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value), None
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE, None
+        return None, _error("validation_invalid_bool", "Must be a boolean.")
+    if kind == "date":
+        if value in (None, ""):
+            return "", None
+        normalized = normalize_datetime(value) if isinstance(value, str) else None
+        if normalized is None:
+            return None, _error("validation_invalid_date", "Must be a valid date.")
+        return normalized, None
+    if kind == "select":
+        if F.is_multiple(field):
+            items = [] if value in (None, "") else (value if isinstance(value, list) else [value])
+            if name + "+" in data:
+                extra = data[name + "+"]
+                items = list(current) + (extra if isinstance(extra, list) else [extra])
+            if name + "-" in data:
+                gone = data[name + "-"]
+                gone_list = gone if isinstance(gone, list) else [gone]
+                items = [i for i in items if i not in gone_list]
+            if not all(isinstance(i, str) for i in items):
+                return None, _error("validation_invalid_value", "Must be a list of strings.")
+            return list(dict.fromkeys(items)), None
+        if isinstance(value, list):
+            if len(value) > 1:
+                return None, _error("validation_too_many_values", "Select no more than 1.", maxSelect=1)
+            value = value[0] if value else ""
+        if value is None:
+            return "", None
+        if not isinstance(value, str):
+            return None, _error("validation_invalid_value", "Must be a string.")
+        return value, None
+    if kind == "json":
+        if from_form and isinstance(value, str):
+            try:
+                return json.loads(value), None
+            except ValueError:
+                return value, None
+        return value, None
+    return value, None
+
+
+def _validate(field: dict[str, Any], value: Any) -> dict[str, Any] | None:
+    kind = field["type"]
+    required = field.get("required")
+    empty = value in ("", None, [], {}) or (kind == "number" and value == 0) or (kind == "bool" and value is False)
+    if required and empty:
+        return _error("validation_required", "Cannot be blank.")
+    if empty:
+        return None
+    if kind == "text":
+        length = len(value)
+        if field.get("min") and length < field["min"]:
+            return _error("validation_min_text_constraint", f"Must be at least {field['min']} character(s).", min=field["min"])
+        maximum = field.get("max") or 5000
+        if length > maximum:
+            return _error("validation_max_text_constraint", f"Must be no more than {maximum} character(s).", max=maximum)
+        if field.get("pattern") and not re.search(field["pattern"], value):
+            return _error("validation_invalid_format", "Invalid value format.")
+    elif kind == "number":
+        if field.get("onlyInt") and not float(value).is_integer():
+            return _error("validation_not_an_integer", "Must be an integer.")
+        if field.get("min") is not None and value < field["min"]:
+            return _error("validation_min_number_constraint", f"Must be larger than {field['min']}.", min=field["min"])
+        if field.get("max") is not None and value > field["max"]:
+            return _error("validation_max_number_constraint", f"Must be less than {field['max']}.", max=field["max"])
+    elif kind in ("email", "url"):
+        if kind == "email" and not _EMAIL_RE.match(value):
+            return _error("validation_is_email", "Must be a valid email address.")
+        if kind == "url" and not _URL_RE.match(value):
+            return _error("validation_invalid_url", "Must be a valid url.")
+        domain = value.rsplit("@", 1)[-1] if kind == "email" else re.sub(r"^https?://([^/:?#]+).*$", r"\1", value, flags=re.I)
+        if field.get("onlyDomains") and domain.lower() not in [d.lower() for d in field["onlyDomains"]]:
+            return _error("validation_email_domain_not_allowed" if kind == "email" else "validation_url_domain_not_allowed", "Domain not allowed.")
+        if field.get("exceptDomains") and domain.lower() in [d.lower() for d in field["exceptDomains"]]:
+            return _error("validation_email_domain_not_allowed" if kind == "email" else "validation_url_domain_not_allowed", "Domain not allowed.")
+    elif kind == "date":
+        if field.get("min") and value < normalize_datetime(field["min"]):
+            return _error("validation_min_date_constraint", f"Must be no earlier than {field['min']}.")
+        if field.get("max") and value > normalize_datetime(field["max"]):
+            return _error("validation_max_date_constraint", f"Must be no later than {field['max']}.")
+    elif kind == "select":
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if item not in field["values"]:
+                return _error("validation_invalid_value", f"Invalid value {item}.", value=item)
+        limit = int(field.get("maxSelect") or 1)
+        if len(items) > limit:
+            return _error("validation_too_many_values", f"Select no more than {limit}.", maxSelect=limit)
+    elif kind == "json":
+        limit = int(field.get("maxSize") or F.DEFAULT_JSON_MAX_SIZE)
+        if len(json.dumps(value)) > limit:
+            return _error("validation_json_size_limit", f"The maximum allowed JSON size is {limit} bytes.", maxSize=limit)
+    return None

@@ -1,0 +1,72 @@
+"""Running the server: the listening socket, uvicorn, and the start-up banner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from .api import create_asgi_app
+from .app import App
+
+LISTEN_FD_ENV = "PB_LISTEN_FD"  # set for a re-exec'd process: the socket it inherits
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"invalid address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def listening_socket(address: str) -> socket.socket:
+    """The server socket: inherited through ``PB_LISTEN_FD`` after a re-exec, else a new one."""
+    inherited = os.environ.get(LISTEN_FD_ENV)
+    if inherited:
+        sock = socket.socket(fileno=int(inherited))
+        sock.set_inheritable(True)
+        return sock
+    host, port = parse_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def superuser_hint(data_dir: Path) -> str:
+    python = sys.executable
+    try:
+        python = os.path.relpath(python) if not os.path.relpath(python).startswith("..") else python
+    except ValueError:
+        pass
+    return f"{python} -m server superuser upsert EMAIL PASSWORD --dir {data_dir}"
+
+
+def serve(address: str, data_dir: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    core = App(data_dir)
+    sock = listening_socket(address)
+    host, port = sock.getsockname()[:2]
+    base = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"
+
+    async def banner() -> None:
+        await core.open()
+        missing = not await core.has_superuser()
+        await core.close()
+        print(f"Server started at {base}\n├─ REST API:  {base}/api/\n└─ Data dir:  {core.datadir.root}", flush=True)
+        if missing:
+            print("\n(!) No superuser exists yet. Create one with:\n"
+                  f"    {superuser_hint(Path(data_dir))}", flush=True)
+
+    asyncio.run(banner())
+    config = uvicorn.Config(create_asgi_app(core), log_level="warning", lifespan="on", access_log=False,
+                            timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,168 @@
+"""Fixtures: a real ``python -m server serve`` process on a free loopback port, and clients for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUPERUSER_EMAIL = "admin@example.com"
+SUPERUSER_PASSWORD = "1234567890"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(*args: str, data_dir: Path | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "server", *args]
+    if data_dir is not None:
+        command += ["--dir", str(data_dir)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+class ServerProcess:
+    """One server process over one data directory; can be stopped and started again."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[str] | None = None
+        self.log_path = data_dir.parent / f"server-{self.port}.log"
+
+    def start(self, timeout: float = 30) -> None:
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--http", f"127.0.0.1:{self.port}", "--dir", str(self.data_dir)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited early:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/api/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server did not become healthy:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def output(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def sql(self, query: str, params: tuple[Any, ...] = (), db: str = "data.db") -> list[sqlite3.Row]:
+        """Read the server's SQLite file directly (a separate connection; WAL allows it)."""
+        conn = sqlite3.connect(self.data_dir / db, timeout=10)
+        conn.row_factory = sqlite3.Row
+        try:
+            return conn.execute(query, params).fetchall()
+        finally:
+            conn.close()
+
+
+class Api:
+    """An httpx client bound to a server, with a few shortcuts."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.http = httpx.Client(base_url=server.url, timeout=30)
+
+    def login(self, collection: str, email: str, password: str) -> str:
+        response = self.http.post(f"/api/collections/{collection}/auth-with-password",
+                                  json={"identity": email, "password": password})
+        assert response.status_code == 200, response.text
+        return response.json()["token"]
+
+    def superuser_token(self) -> str:
+        return self.login("_superusers", SUPERUSER_EMAIL, SUPERUSER_PASSWORD)
+
+    def create_user(self, email: str, password: str = "userpass123") -> tuple[dict[str, Any], str]:
+        response = self.http.post("/api/collections/users/records",
+                                  json={"email": email, "password": password, "passwordConfirm": password})
+        assert response.status_code == 200, response.text
+        return response.json(), self.login("users", email, password)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": token}
+
+
+def start_server(tmp: Path, with_superuser: bool = True) -> ServerProcess:
+    data_dir = tmp / "pb_data"
+    if with_superuser:
+        run_cli("superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, data_dir=data_dir)
+    server = ServerProcess(data_dir)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server shared by the tests of one module (they must not depend on each other's data)."""
+    process = start_server(tmp_path_factory.mktemp("srv"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture()
+def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server of the test's own, for tests that restart it or look at the whole data dir."""
+    process = start_server(tmp_path)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def api(server: ServerProcess) -> Iterator[Api]:
+    client = Api(server)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def su(api: Api) -> dict[str, str]:
+    """Headers with a superuser token."""
+    return auth(api.superuser_token())
+
+
+def unique(prefix: str = "c") -> str:
+    return f"{prefix}_{os.urandom(4).hex()}"
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True)
