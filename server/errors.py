@@ -41,7 +41,7 @@ class NotFound(ApiError):
 
 class TooLarge(ApiError):
     status = 413
-    default_message = "Request entity too large."
+    default_message = "The request body is too large."
 
 
 def field_error(code: str, message: str) -> dict[str, str]:

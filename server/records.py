@@ -62,6 +62,15 @@ class IncomingFile:
     filename: str
     size: int
     stream: BinaryIO
+    mime_type: str = ""  # sniffed from the content by ``_sniff`` before validation
+
+
+def _sniff(uploads: list[IncomingFile]) -> None:
+    """Detect each upload's mime type from its first bytes (blocking: run in a worker thread)."""
+    for upload in uploads:
+        upload.stream.seek(0)
+        upload.mime_type = mimetypes.detect(upload.stream.read(mimetypes.SNIFF_LENGTH))
+        upload.stream.seek(0)
 
 
 @dataclass
@@ -328,6 +337,9 @@ class RecordService:
         them on create, the changed ones on update), the files to store, and the errors."""
         creating = current is None
         data = payload.data
+        uploads = [upload for group in payload.files.values() for upload in group]
+        if uploads:
+            await asyncio.to_thread(_sniff, uploads)
         errors: dict[str, Any] = {}
         if creating:
             values = self._defaults(collection)
@@ -455,9 +467,7 @@ class RecordService:
                               f"Failed to upload {os.path.basename(upload.filename)} - the maximum allowed file size is {max_size} bytes.",
                               maxSize=max_size)
             if allowed:
-                head = upload.stream.read(mimetypes.SNIFF_LENGTH)
-                upload.stream.seek(0)
-                detected = mimetypes.detect(head)
+                detected = upload.mime_type
                 if not mimetypes.matches(detected, allowed):
                     return _error("validation_invalid_mime_type",
                                   f"{os.path.basename(upload.filename)!r} ({detected.split(';')[0]}) mime type must be one of: {', '.join(allowed)}.")

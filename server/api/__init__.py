@@ -16,8 +16,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..app import App
-from ..errors import ApiError, NotFound
+from ..errors import ApiError, NotFound, TooLarge
 from . import collections, crons, files, health, record_auth, records, settings
+from .limits import BODY_LIMIT_KEY, DEFAULT_BODY_LIMIT
 
 logger = logging.getLogger("server.api")
 
@@ -68,6 +69,38 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     core.logs.error("Unhandled error", url=request.url.path, method=request.method, error=type(exc).__name__)
     body = {"status": 500, "message": "Something went wrong while processing your request.", "data": {}}
     return JSONResponse(body, status_code=500)
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over a limit (413), counting bytes as they arrive.
+
+    The limit is ``DEFAULT_BODY_LIMIT`` unless a handler sets ``scope[BODY_LIMIT_KEY]`` before it
+    reads the body (``None`` lifts it): record routes raise it by the collection's file sizes.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        declared = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            limit = scope.get(BODY_LIMIT_KEY, DEFAULT_BODY_LIMIT)
+            if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
+                raise TooLarge()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if limit is not None and received > limit:
+                    raise TooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 class RequestLogMiddleware:
@@ -141,5 +174,6 @@ def create_asgi_app(core: App) -> Starlette:
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected_error},
     )
     app.state.core = core
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestLogMiddleware, core=core)
     return app

@@ -11,10 +11,9 @@ from starlette.responses import JSONResponse, Response
 
 from .. import auth as tokens
 from ..app import App
-from ..errors import BadRequest, Forbidden, Unauthorized
+from ..errors import ApiError, BadRequest, Forbidden, Unauthorized
 from ..records import GUEST, IncomingFile, RecordInput, Requester
 
-MAX_JSON_BODY = 32 << 20
 MAX_FORM_FIELD = 32 << 20
 
 
@@ -71,15 +70,12 @@ async def require_superuser(request: Request) -> Requester:
 
 
 async def read_json(request: Request, message: str = "An error occurred while loading the submitted data.") -> dict[str, Any]:
-    """The body as a JSON object; an empty body is ``{}``; anything else is a 400."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_JSON_BODY:
-        raise BadRequest("The request body is too large.")
+    """The body as a JSON object; an empty body is ``{}``; anything else is a 400.
+
+    Its size is bounded by the body limit middleware (``api.limits``)."""
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
-        if len(body) > MAX_JSON_BODY:
-            raise BadRequest("The request body is too large.")
     if not body.strip():
         return {}
     try:
@@ -110,6 +106,8 @@ async def read_record_input(request: Request) -> RecordInput:
         return RecordInput(await read_json(request, "Failed to load the submitted data due to invalid formatting."))
     try:
         form = await request.form(max_files=1000, max_fields=1000, max_part_size=MAX_FORM_FIELD)
+    except ApiError:
+        raise
     except Exception as exc:  # malformed multipart
         raise BadRequest("Failed to load the submitted data due to invalid formatting.") from exc
     data: dict[str, Any] = {}

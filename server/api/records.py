@@ -7,6 +7,8 @@ from starlette.responses import Response
 
 from ..collections import Collection
 from ..errors import NotFound
+from ..fields import DEFAULT_FILE_MAX_SIZE
+from .limits import BODY_LIMIT_KEY, DEFAULT_BODY_LIMIT
 from .common import get_app, json_response, no_content, read_record_input, requester
 
 
@@ -27,8 +29,16 @@ async def view_record(request: Request) -> Response:
     return json_response(record)
 
 
+def _allow_files(request: Request, collection: Collection) -> None:
+    """Raise the body limit by what the collection's file fields may legitimately carry."""
+    extra = sum(int(f.get("maxSize") or DEFAULT_FILE_MAX_SIZE) * int(f.get("maxSelect") or 1)
+                for f in collection.file_fields())
+    request.scope[BODY_LIMIT_KEY] = DEFAULT_BODY_LIMIT + extra
+
+
 async def create_record(request: Request) -> Response:
     collection = _collection(request)
+    _allow_files(request, collection)
     payload = await read_record_input(request)
     record = await get_app(request).records.create(collection, payload, await requester(request))
     return json_response(record)
@@ -36,6 +46,7 @@ async def create_record(request: Request) -> Response:
 
 async def update_record(request: Request) -> Response:
     collection = _collection(request)
+    _allow_files(request, collection)
     payload = await read_record_input(request)
     record = await get_app(request).records.update(collection, request.path_params["record"], payload, await requester(request))
     return json_response(record)
