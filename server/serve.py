@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ LISTEN_FD_ENV = "PB_LISTEN_FD"  # set for a re-exec'd process: the socket it inh
 
 def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"invalid address {address!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
 
@@ -47,13 +48,16 @@ def superuser_hint(data_dir: Path) -> str:
         python = os.path.relpath(python) if not os.path.relpath(python).startswith("..") else python
     except ValueError:
         pass
-    return f"{python} -m server superuser upsert EMAIL PASSWORD --dir {data_dir}"
+    return f"{shlex.quote(python)} -m server superuser upsert EMAIL PASSWORD --dir {shlex.quote(str(data_dir))}"
 
 
 def serve(address: str, data_dir: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     core = App(data_dir)
-    sock = listening_socket(address)
+    try:
+        sock = listening_socket(address)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise SystemExit(f"Error: cannot listen on {address}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
     host, port = sock.getsockname()[:2]
     base = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"
 
@@ -67,6 +71,8 @@ def serve(address: str, data_dir: str) -> None:
                   f"    {superuser_hint(Path(data_dir))}", flush=True)
 
     asyncio.run(banner())
+    # proxy_headers=False: the client IP comes from the socket unless settings.trustedProxy says
+    # otherwise (uvicorn would trust X-Forwarded-For from 127.0.0.1 by default).
     config = uvicorn.Config(create_asgi_app(core), log_level="warning", lifespan="on", access_log=False,
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, proxy_headers=False)
     uvicorn.Server(config).run(sockets=[sock])

@@ -133,7 +133,11 @@ def validate(data: dict[str, Any]) -> dict[str, Any]:
 
     def check_types(section: str, node: Any, defaults: dict[str, Any], sub: str | None = None) -> bool:
         if not isinstance(node, dict):
-            errors[section] = field_error("validation_invalid_value", "Must be an object.")
+            problem = field_error("validation_invalid_value", "Must be an object.")
+            if sub is None:
+                errors[section] = problem
+            else:
+                errors.setdefault(section, {})[sub] = problem
             return False
         for key, default in defaults.items():
             value = node.get(key)

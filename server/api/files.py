@@ -47,7 +47,9 @@ async def resolve_file_token(request: Request, token: str) -> Requester:
 
 async def download(request: Request) -> Response:
     app = get_app(request)
-    collection = app.collections.get(request.path_params["collection"])
+    collection = app.collections.find(request.path_params["collection"])
+    if collection is None:
+        raise NotFound("Missing or invalid collection context.")
     record_id = request.path_params["record"]
     filename = request.path_params["filename"]
     row = await app.records.find_row(collection, record_id)
