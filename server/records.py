@@ -369,7 +369,7 @@ class RecordService:
                     values["id"] = random_id()
                 continue
             if collection.is_auth and name == "verified" and "verified" in data and not requester.is_superuser:
-                if creating or bool(data["verified"]) != bool(values["verified"]):
+                if data["verified"] not in (False, "false", "0", "", 0, None) and not values["verified"]:
                     errors["verified"] = _error("validation_values_mismatch", "Only superusers can change the verified state.")
                     continue
             if kind == "file":
