@@ -34,6 +34,7 @@ USERS_ID = "_pb_users_auth_"
 RULES = ("listRule", "viewRule", "createRule", "updateRule", "deleteRule")
 AUTH_RULES = ("authRule", "manageRule")
 _NAME_RE = re.compile(r"^\w+$")
+_INDEX_TABLE_RE = re.compile(r"(\bON\s+)(`[^`]+`|\"[^\"]+\"|\[[^\]]+\]|\w+)", re.I)
 _RESERVED_TABLES = {"_collections", "_params", "_migrations", "_logs"}
 
 AUTH_DEFAULTS: dict[str, Any] = {
@@ -333,15 +334,17 @@ class CollectionStore:
 
         columns = collection.field_names()
         for rule in RULES + (AUTH_RULES if collection.is_auth else ()):
-            if rule not in data:
+            if rule not in data and "fields" not in data:
                 continue
-            problem = validate_rule(data[rule], columns)
+            # A changed field list re-checks every rule: a rule must not name a field that is gone.
+            value = data[rule] if rule in data else collection.rule(rule)
+            problem = validate_rule(value, columns)
             if problem is not None:
                 errors[rule] = problem
             elif rule in AUTH_RULES:
-                collection.options[rule] = data[rule]
+                collection.options[rule] = value
             else:
-                collection.rules[rule] = data[rule]
+                collection.rules[rule] = value
 
         if collection.is_auth:
             for key in _TOKEN_OPTIONS:
@@ -430,6 +433,9 @@ class CollectionStore:
         for row in index_rows:
             await tx.execute(f"DROP INDEX IF EXISTS {F.quote(row['name'])}")
         if old.name != new.name:
+            if old.name.lower() == new.name.lower():  # SQLite names are case-insensitive: go via a temp name
+                await tx.execute(f"ALTER TABLE {table} RENAME TO {F.quote('_tmp_' + old.id)}")
+                table = F.quote("_tmp_" + old.id)
             await tx.execute(f"ALTER TABLE {table} RENAME TO {F.quote(new.name)}")
             table = F.quote(new.name)
         old_by_id = {f["id"]: f for f in old.fields}
@@ -437,14 +443,18 @@ class CollectionStore:
         for field in old.fields:
             if field["id"] not in new_ids:
                 await tx.execute(f"ALTER TABLE {table} DROP COLUMN {F.quote(field['name'])}")
+        # Renames go through temporary names, so that two fields may swap names.
+        renamed = [f for f in new.fields if f["id"] in old_by_id and old_by_id[f["id"]]["name"] != f["name"]]
+        for index, field in enumerate(renamed):
+            await tx.execute(f"ALTER TABLE {table} RENAME COLUMN {F.quote(old_by_id[field['id']]['name'])} TO {F.quote(f'_tmp_{index}')}")
+        for index, field in enumerate(renamed):
+            await tx.execute(f"ALTER TABLE {table} RENAME COLUMN {F.quote(f'_tmp_{index}')} TO {F.quote(field['name'])}")
         for field in new.fields:
             before = old_by_id.get(field["id"])
             if before is None:
                 await tx.execute(f"ALTER TABLE {table} ADD COLUMN {F.column_definition(field)}")
                 continue
             column = F.quote(field["name"])
-            if before["name"] != field["name"]:
-                await tx.execute(f"ALTER TABLE {table} RENAME COLUMN {F.quote(before['name'])} TO {column}")
             if F.is_multiple(before) and not F.is_multiple(field):
                 await tx.execute(
                     f"UPDATE {table} SET {column} = COALESCE(json_extract({column}, '$[#-1]'), '') "
@@ -454,5 +464,6 @@ class CollectionStore:
                 await tx.execute(
                     f"UPDATE {table} SET {column} = CASE WHEN {column} = '' THEN '[]' ELSE json_array({column}) END"
                 )
-        new.indexes = [re.sub(rf"`{re.escape(old.name)}`", f"`{new.name}`", i) for i in new.indexes]
+        if old.name != new.name:
+            new.indexes = [_INDEX_TABLE_RE.sub(lambda m: f"{m.group(1)}`{new.name}`", i, count=1) for i in new.indexes]
         await self._create_indexes(tx, new)

@@ -51,6 +51,7 @@ def make_field(field_type: str, name: str, **options: Any) -> dict[str, Any]:
     field.setdefault("id", field_id(field_type, name))
     if field_type == "autodate":
         field.pop("required", None)
+        field.pop("help", None)
     return dict(sorted(field.items()))
 
 

@@ -147,7 +147,7 @@ class RecordService:
             total_items = int(await self._db.scalar(f"SELECT COUNT(*) FROM {table} WHERE {where}", args))
             total_pages = math.ceil(total_items / per_page)
         items = [self.to_json(collection, row, requester) for row in rows]
-        return Page(page, per_page, total_items, total_pages, _pick_fields(items, params.get("fields")))
+        return Page(page, per_page, total_items, total_pages, pick_fields(items, params.get("fields")))
 
     async def view(self, collection: Collection, record_id: str, requester: Requester) -> dict[str, Any]:
         if collection.rule("viewRule") is None and not requester.is_superuser:
@@ -555,10 +555,12 @@ def _positive_int(raw: str | None, default: int, name: str) -> int:
         value = int(raw)
     except ValueError as exc:
         raise BadRequest(f"Invalid {name} value.") from exc
+    if value >= 2**62:
+        raise BadRequest(f"Invalid {name} value.")
     return value if value > 0 else default
 
 
-def _pick_fields(items: list[dict[str, Any]], raw: str | None) -> list[dict[str, Any]]:
+def pick_fields(items: list[dict[str, Any]], raw: str | None) -> list[dict[str, Any]]:
     if not raw or "*" in raw.split(","):
         return items
     wanted = {name.strip() for name in raw.split(",") if name.strip()}

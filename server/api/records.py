@@ -8,6 +8,7 @@ from starlette.responses import Response
 from ..collections import Collection
 from ..errors import NotFound
 from ..fields import DEFAULT_FILE_MAX_SIZE
+from ..records import pick_fields
 from .limits import BODY_LIMIT_KEY, DEFAULT_BODY_LIMIT
 from .common import get_app, json_response, no_content, read_record_input, requester
 
@@ -26,7 +27,7 @@ async def list_records(request: Request) -> Response:
 
 async def view_record(request: Request) -> Response:
     record = await get_app(request).records.view(_collection(request), request.path_params["record"], await requester(request))
-    return json_response(record)
+    return json_response(pick_fields([record], request.query_params.get("fields"))[0])
 
 
 def _allow_files(request: Request, collection: Collection) -> None:

@@ -141,7 +141,9 @@ class _Parser:
             body = text[1:-1]
             return Literal(re.sub(r"\\(.)", r"\1", body))
         if kind == "number":
-            return Literal(float(text) if "." in text else int(text))
+            value = float(text) if "." in text else int(text)
+            # SQLite integers are 64-bit: compare larger literals as floats.
+            return Literal(float(value) if isinstance(value, int) and not -(2**63) <= value < 2**63 else value)
         if kind == "ident":
             lowered = text.lower()
             if lowered in ("true", "false"):
