@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from .collections import SUPERUSERS, CollectionStore
@@ -19,6 +21,17 @@ from .records import RecordService
 from .settings import Settings
 
 logger = logging.getLogger("server")
+
+
+@asynccontextmanager
+async def opened(data_dir: str | Path) -> AsyncIterator["App"]:
+    """An ``App`` opened for one-off work (the CLI), closed afterwards."""
+    app = App(data_dir)
+    await app.open()
+    try:
+        yield app
+    finally:
+        await app.close()
 
 
 class App:

@@ -7,9 +7,10 @@ import asyncio
 import re
 import sys
 
-from .app import App
+from .app import opened
 from .collections import SUPERUSERS
-from .records import GUEST
+from .errors import ApiError
+from .records import Requester
 
 DEFAULT_DIR = "./pb_data"
 DEFAULT_HTTP = "127.0.0.1:8090"
@@ -42,34 +43,27 @@ async def upsert_superuser(data_dir: str, email: str, password: str) -> str:
         raise SystemExit(f"invalid email {email!r}")
     if len(password) < 8 or len(password.encode()) > 71:
         raise SystemExit("the password must be 8 to 71 bytes long")
-    app = App(data_dir)
-    await app.open()
-    try:
+    async with opened(data_dir) as app:
         collection = app.collections.get(SUPERUSERS)
         row = await app.records.find_auth_row(collection, email)
         if row is None:
             await app.records.insert_auth_record(collection, email, password)
         else:
             await app.records.set_password(collection, row["id"], password)
-    finally:
-        await app.close()
     return f'Successfully saved superuser "{email}"!'
 
 
 async def delete_superuser(data_dir: str, email: str) -> tuple[str, int]:
-    app = App(data_dir)
-    await app.open()
-    try:
+    async with opened(data_dir) as app:
         collection = app.collections.get(SUPERUSERS)
         row = await app.records.find_auth_row(collection, email)
         if row is None:
             return f'superuser "{email}" is missing or already deleted', 0
-        count = await app.db.scalar(f'SELECT COUNT(*) FROM "{SUPERUSERS}"')
-        if count <= 1:
-            return "You can't delete the only existing superuser.", 1
-        await app.db.execute(f'DELETE FROM "{SUPERUSERS}" WHERE id = ?', (row["id"],))
-    finally:
-        await app.close()
+        try:
+            # The same path as the API's, with its rule that the last superuser stays.
+            await app.records.delete(collection, row["id"], Requester(record=dict(row), collection=collection))
+        except ApiError as exc:
+            return exc.message, 1
     return f'Successfully deleted superuser "{email}"!', 0
 
 

@@ -118,7 +118,7 @@ class RecordService:
 
     # --- reading ---------------------------------------------------------------------------
 
-    async def list(self, collection: Collection, requester: Requester, params: Mapping[str, str]) -> Page:
+    async def list_page(self, collection: Collection, requester: Requester, params: Mapping[str, str]) -> Page:
         rule = collection.rule("listRule")
         if rule is None and not requester.is_superuser:
             raise Forbidden("Only superusers can perform this action.")
@@ -169,6 +169,23 @@ class RecordService:
             if row is not None:
                 return row
         return None
+
+    async def find_by_token(self, token: str, kind: str) -> Requester:
+        """The auth record behind an auth (``kind="auth"``) or file token; a guest if the token is
+        missing, malformed, expired, or signed with a key that no longer exists (password changed,
+        record deleted)."""
+        peek, verify = (tokens.peek_auth_token, tokens.verify_auth_token) if kind == "auth" else (
+            tokens.peek_file_token, tokens.verify_file_token)
+        claims = peek(token) if token else None
+        if claims is None:
+            return GUEST
+        collection = self._collections.find(claims.collection_id)
+        if collection is None or not collection.is_auth or collection.id != claims.collection_id:
+            return GUEST
+        row = await self.find_row(collection, claims.record_id)
+        if row is None or not verify(token, collection, row["tokenKey"]):
+            return GUEST
+        return Requester(record=dict(row), collection=collection)
 
     async def can_access(self, collection: Collection, record_id: str, requester: Requester, rule_name: str) -> bool:
         try:
@@ -253,7 +270,7 @@ class RecordService:
 
     # --- serialisation ---------------------------------------------------------------------
 
-    def to_json(self, collection: Collection, row: Mapping[str, Any], requester: Requester) -> dict[str, Any]:
+    def to_json(self, collection: Collection, row: sqlite3.Row | Mapping[str, Any], requester: Requester) -> dict[str, Any]:
         out: dict[str, Any] = {"collectionId": collection.id, "collectionName": collection.name}
         show_email = True
         if collection.is_auth:
@@ -337,7 +354,7 @@ class RecordService:
         them on create, the changed ones on update), the files to store, and the errors."""
         creating = current is None
         data = payload.data
-        uploads = [upload for group in payload.files.values() for upload in group]
+        uploads: list[IncomingFile] = [upload for group in payload.files.values() for upload in group]
         if uploads:
             await asyncio.to_thread(_sniff, uploads)
         errors: dict[str, Any] = {}

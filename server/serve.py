@@ -57,7 +57,8 @@ def serve(address: str, data_dir: str) -> None:
     try:
         sock = listening_socket(address)
     except (ValueError, OverflowError, OSError) as exc:
-        raise SystemExit(f"Error: cannot listen on {address}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise SystemExit(f"Error: cannot listen on {address}: {reason}") from None
     host, port = sock.getsockname()[:2]
     base = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"
 

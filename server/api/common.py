@@ -9,10 +9,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .. import auth as tokens
 from ..app import App
 from ..errors import ApiError, BadRequest, Forbidden, Unauthorized
-from ..records import GUEST, IncomingFile, RecordInput, Requester
+from ..records import IncomingFile, RecordInput, Requester
 
 MAX_FORM_FIELD = 32 << 20
 
@@ -37,22 +36,9 @@ async def requester(request: Request) -> Requester:
     token = request.headers.get("authorization", "").strip()
     if token[:7].lower() == "bearer ":
         token = token[7:].strip()
-    who = await resolve_auth_token(get_app(request), token) if token else GUEST
+    who = await get_app(request).records.find_by_token(token, "auth")
     request.state.requester = who
     return who
-
-
-async def resolve_auth_token(app: App, token: str) -> Requester:
-    claims = tokens.peek_auth_token(token)
-    if claims is None:
-        return GUEST
-    collection = app.collections.find(claims.collection_id)
-    if collection is None or not collection.is_auth or collection.id != claims.collection_id:
-        return GUEST
-    row = await app.records.find_row(collection, claims.record_id)
-    if row is None or not tokens.verify_auth_token(token, collection, row["tokenKey"]):
-        return GUEST
-    return Requester(record=dict(row), collection=collection)
 
 
 async def require_auth(request: Request) -> Requester:

@@ -10,7 +10,7 @@ from starlette.responses import FileResponse, Response
 
 from .. import auth as tokens
 from ..errors import NotFound
-from ..records import GUEST, Requester, decode_value
+from ..records import decode_value
 from ..tools import mimetypes
 from .common import get_app, json_response, require_auth
 
@@ -28,21 +28,6 @@ async def file_token(request: Request) -> Response:
     assert who.collection is not None and who.record is not None
     token = tokens.issue_file_token(who.collection, who.record["id"], who.record["tokenKey"])
     return json_response({"token": token})
-
-
-async def resolve_file_token(request: Request, token: str) -> Requester:
-    """The auth record behind a file token; a guest if the token is missing, bad or expired."""
-    app = get_app(request)
-    claims = tokens.peek_file_token(token) if token else None
-    if claims is None:
-        return GUEST
-    collection = app.collections.find(claims.collection_id)
-    if collection is None or not collection.is_auth:
-        return GUEST
-    row = await app.records.find_row(collection, claims.record_id)
-    if row is None or not tokens.verify_file_token(token, collection, row["tokenKey"]):
-        return GUEST
-    return Requester(record=dict(row), collection=collection)
 
 
 async def download(request: Request) -> Response:
@@ -67,7 +52,7 @@ async def download(request: Request) -> Response:
     if owner.get("protected"):
         # ours: a protected file always needs a valid file token (PocketBase serves it to anyone
         # when the view rule is ""), and the token's record must pass the view rule.
-        who = await resolve_file_token(request, request.query_params.get("token", ""))
+        who = await app.records.find_by_token(request.query_params.get("token", ""), "file")
         if who.record is None or not await app.records.can_access(collection, record_id, who, "viewRule"):
             raise NotFound()
     path = app.datadir.record_dir(collection.id, record_id) / filename

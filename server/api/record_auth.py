@@ -16,7 +16,7 @@ _AUTH_FAILED = "Failed to authenticate."
 def _auth_collection(request: Request):
     collection = get_app(request).collections.get(request.path_params["collection"])
     if not collection.is_auth:
-        raise BadRequest(f"The collection is not an auth collection.")
+        raise BadRequest("The collection is not an auth collection.")
     return collection
 
 

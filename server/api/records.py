@@ -21,7 +21,7 @@ def _collection(request: Request) -> Collection:
 
 
 async def list_records(request: Request) -> Response:
-    page = await get_app(request).records.list(_collection(request), await requester(request), request.query_params)
+    page = await get_app(request).records.list_page(_collection(request), await requester(request), request.query_params)
     return json_response(page.to_json())
 
 
