@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -14,6 +15,7 @@ from ..errors import ApiError, BadRequest, Forbidden, Unauthorized
 from ..records import IncomingFile, RecordInput, Requester
 
 MAX_FORM_FIELD = 32 << 20
+_INLINE_JSON_BYTES = 256 << 10
 
 
 def get_app(request: Request) -> App:
@@ -65,7 +67,8 @@ async def read_json(request: Request, message: str = "An error occurred while lo
     if not body.strip():
         return {}
     try:
-        data = json.loads(body)
+        # Parsing megabytes of JSON takes long enough to stall other requests: do it in a thread.
+        data = json.loads(body) if len(body) < _INLINE_JSON_BYTES else await asyncio.to_thread(json.loads, bytes(body))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(message) from exc
     if not isinstance(data, dict):
