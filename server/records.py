@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import re
@@ -16,23 +15,19 @@ from typing import Any, BinaryIO
 
 from . import auth as tokens
 from . import fields as F
+from . import values as V
 from .collections import Collection, CollectionStore
 from .database import Database, Transaction
 from .datadir import DataDir
-from .errors import BadRequest, Forbidden, NotFound, ValidationError, field_error
+from .errors import BadRequest, Forbidden, NotFound, ValidationError
 from .tools import filter as filters
 from .tools import mimetypes
 from .tools.security import random_id, random_string
-from .tools.times import normalize_datetime, now
+from .tools.times import now
 
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.I)
-_ID_RE = re.compile(r"^[a-z0-9]+$")
 _SORT_RE = re.compile(r"^([+-]?)(\w+)$")
 MAX_PER_PAGE = 1000
 DEFAULT_PER_PAGE = 30
-_TRUE = {"true", "1", "on", "yes"}
-_FALSE = {"false", "0", "off", "no", ""}
 
 
 @dataclass(frozen=True)
@@ -93,13 +88,6 @@ class Page:
                 "totalItems": self.total_items, "totalPages": self.total_pages}
 
 
-def _error(code: str, message: str, **params: Any) -> dict[str, Any]:
-    out: dict[str, Any] = field_error(code, message)
-    if params:
-        out["params"] = params
-    return out
-
-
 def _file_name(original: str) -> str:
     """``<snake_name>_<random>.<ext>`` as PocketBase names stored files."""
     base, ext = os.path.splitext(os.path.basename(original.replace("\\", "/")))
@@ -136,7 +124,7 @@ class RecordService:
             where, args = f"({where}) AND {sql}", args + filter_args
         order = self._order_by(params.get("sort", ""), columns - _hidden_names(collection))
         table = F.quote(collection.name)
-        skip_total = params.get("skipTotal", "").lower() in _TRUE
+        skip_total = params.get("skipTotal", "").lower() in V.TRUE
         offset = (page - 1) * per_page
         rows = await self._db.fetchall(
             f"SELECT * FROM {table} WHERE {where} {order} LIMIT ? OFFSET ?", args + [per_page, offset]
@@ -229,7 +217,7 @@ class RecordService:
                 assignments = ", ".join(f"{F.quote(k)} = ?" for k in values)
                 await tx.execute(
                     f"UPDATE {F.quote(collection.name)} SET {assignments} WHERE id = ?",
-                    [_to_sql(v) for v in values.values()] + [record_id],
+                    [V.to_sql(v) for v in values.values()] + [record_id],
                 )
         except sqlite3.IntegrityError as exc:
             await asyncio.to_thread(_remove_files, written)
@@ -280,7 +268,7 @@ class RecordService:
         for field in collection.fields:
             if field.get("hidden") or (field["name"] == "email" and collection.is_auth and not show_email):
                 continue
-            out[field["name"]] = decode_value(field, row[field["name"]])
+            out[field["name"]] = V.decode(field, row[field["name"]])
         return dict(sorted(out.items()))
 
     # --- internals -------------------------------------------------------------------------
@@ -324,7 +312,7 @@ class RecordService:
         projection = ", ".join(f"? AS {F.quote(name)}" for name in values)
         row = await self._db.fetchone(
             f"SELECT 1 FROM (SELECT {projection}) AS candidate WHERE {condition}",
-            [_to_sql(v) for v in values.values()] + args,
+            [V.to_sql(v) for v in values.values()] + args,
         )
         return row is not None
 
@@ -361,7 +349,7 @@ class RecordService:
         if creating:
             values = self._defaults(collection)
         else:
-            values = {f["name"]: decode_value(f, current[f["name"]]) for f in collection.fields}
+            values = {f["name"]: V.decode(f, current[f["name"]]) for f in collection.fields}
         changed: set[str] = set()
         pending: list[tuple[str, IncomingFile]] = []
         stamp = now()
@@ -377,7 +365,7 @@ class RecordService:
                 continue
             if name == "id":
                 if creating and data.get("id") not in (None, ""):
-                    problem = _check_id(data["id"])
+                    problem = V.check_id(data["id"])
                     if problem:
                         errors["id"] = problem
                     else:
@@ -387,7 +375,7 @@ class RecordService:
                 continue
             if collection.is_auth and name == "verified" and "verified" in data and not requester.is_superuser:
                 if data["verified"] not in (False, "false", "0", "", 0, None) and not values["verified"]:
-                    errors["verified"] = _error("validation_values_mismatch", "Only superusers can change the verified state.")
+                    errors["verified"] = V.error("validation_values_mismatch", "Only superusers can change the verified state.")
                     continue
             if kind == "file":
                 problem = self._prepare_file(field, data, payload.files, values, pending, creating)
@@ -398,17 +386,17 @@ class RecordService:
                 ):
                     changed.add(name)
                 if field.get("required") and not values[name] and name not in errors:
-                    errors[name] = _error("validation_required", "Cannot be blank.")
+                    errors[name] = V.error("validation_required", "Cannot be blank.")
                 continue
             present = name in data or (kind == "select" and F.is_multiple(field) and (name + "+" in data or name + "-" in data))
             if present:
-                value, problem = _coerce(field, data, values[name], payload.from_form)
+                value, problem = V.coerce(field, data, values[name], payload.from_form)
                 if problem:
                     errors[name] = problem
                     continue
                 values[name] = value
                 changed.add(name)
-            problem = _validate(field, values[name])
+            problem = V.validate(field, values[name])
             if problem and (present or creating):
                 errors[name] = problem
 
@@ -425,10 +413,10 @@ class RecordService:
                     (values[unique], "" if creating else current["id"]),
                 )
                 if duplicate is not None:
-                    errors[unique] = _error("validation_not_unique", "Value must be unique.")
+                    errors[unique] = V.error("validation_not_unique", "Value must be unique.")
         if creating and "id" in values and "id" not in errors:
             if await self.find_row(collection, values["id"]) is not None:
-                errors["id"] = _error("validation_not_unique", "Value must be unique.")
+                errors["id"] = V.error("validation_not_unique", "Value must be unique.")
         return values, pending, errors
 
     async def _prepare_password(self, data: dict[str, Any], values: dict[str, Any], errors: dict[str, Any],
@@ -437,16 +425,16 @@ class RecordService:
         if not creating and password in (None, ""):
             return
         if not isinstance(password, str) or password == "":
-            errors["password"] = _error("validation_required", "Cannot be blank.")
+            errors["password"] = V.error("validation_required", "Cannot be blank.")
         elif len(password) < 8:
-            errors["password"] = _error("validation_min_text_constraint", "Must be at least 8 character(s).", min=8)
+            errors["password"] = V.error("validation_min_text_constraint", "Must be at least 8 character(s).", min=8)
         elif len(password.encode()) > tokens.MAX_PASSWORD_BYTES:
-            errors["password"] = _error("validation_max_text_constraint", "Must be no more than 71 bytes.", max=71)
+            errors["password"] = V.error("validation_max_text_constraint", "Must be no more than 71 bytes.", max=71)
         confirm = data.get("passwordConfirm")
         if confirm in (None, ""):
-            errors["passwordConfirm"] = _error("validation_required", "Cannot be blank.")
+            errors["passwordConfirm"] = V.error("validation_required", "Cannot be blank.")
         elif confirm != password:
-            errors["passwordConfirm"] = _error("validation_values_mismatch", "Values don't match.")
+            errors["passwordConfirm"] = V.error("validation_values_mismatch", "Values don't match.")
         if errors:
             return
         values["password"] = await tokens.hash_password(password)
@@ -463,10 +451,10 @@ class RecordService:
             given = data[name]
             given_list = [] if given in (None, "") else (given if isinstance(given, list) else [given])
             if not all(isinstance(g, str) for g in given_list):
-                return _error("validation_invalid_value", "Must be a list of existing file names.")
+                return V.error("validation_invalid_value", "Must be a list of existing file names.")
             unknown = [g for g in given_list if g not in existing]
             if unknown:
-                return _error("validation_invalid_value", f"Unknown file {unknown[0]!r}.")
+                return V.error("validation_invalid_value", f"Unknown file {unknown[0]!r}.")
             kept = given_list
         elif name in files:
             kept = [] if not multiple else ([] if not creating and files.get(name) else existing)
@@ -480,13 +468,13 @@ class RecordService:
         new_names: list[str] = []
         for upload in uploads:
             if upload.size > max_size:
-                return _error("validation_file_size_limit",
+                return V.error("validation_file_size_limit",
                               f"Failed to upload {os.path.basename(upload.filename)} - the maximum allowed file size is {max_size} bytes.",
                               maxSize=max_size)
             if allowed:
                 detected = upload.mime_type
                 if not mimetypes.matches(detected, allowed):
-                    return _error("validation_invalid_mime_type",
+                    return V.error("validation_invalid_mime_type",
                                   f"{os.path.basename(upload.filename)!r} ({detected.split(';')[0]}) mime type must be one of: {', '.join(allowed)}.")
             stored = _file_name(upload.filename)
             new_names.append(stored)
@@ -495,7 +483,7 @@ class RecordService:
         limit = int(field.get("maxSelect") or 1)
         if len(result) > limit:
             pending[len(pending) - len(new_names):] = []
-            return _error("validation_max_select_constraint", f"Select no more than {limit}.", maxSelect=limit)
+            return V.error("validation_max_select_constraint", f"Select no more than {limit}.", maxSelect=limit)
         values[name] = result if multiple else (result[0] if result else "")
         return None
 
@@ -511,7 +499,7 @@ class RecordService:
         for field in collection.file_fields():
             if field["name"] not in values:
                 continue
-            before = decode_value(field, current[field["name"]])
+            before = V.decode(field, current[field["name"]])
             after = values[field["name"]]
             before_set = set(before if isinstance(before, list) else [before] if before else [])
             after_set = set(after if isinstance(after, list) else [after] if after else [])
@@ -525,7 +513,7 @@ class RecordService:
         try:
             await tx.execute(
                 f"INSERT INTO {F.quote(collection.name)} ({columns}) VALUES ({marks})",
-                [_to_sql(v) for v in values.values()],
+                [V.to_sql(v) for v in values.values()],
             )
         except sqlite3.IntegrityError as exc:
             raise _unique_error(exc, "Failed to create record.") from exc
@@ -558,7 +546,7 @@ def _remove_files(paths: list[Path]) -> None:
 def _unique_error(exc: sqlite3.IntegrityError, message: str) -> ValidationError:
     match = re.search(r"UNIQUE constraint failed: \w+\.(\w+)", str(exc))
     column = match.group(1) if match else "id"
-    return ValidationError({column: _error("validation_not_unique", "Value must be unique.")}, message)
+    return ValidationError({column: V.error("validation_not_unique", "Value must be unique.")}, message)
 
 
 def _hidden_names(collection: Collection) -> set[str]:
@@ -582,177 +570,3 @@ def pick_fields(items: list[dict[str, Any]], raw: str | None) -> list[dict[str, 
         return items
     wanted = {name.strip() for name in raw.split(",") if name.strip()}
     return [{k: v for k, v in item.items() if k in wanted} for item in items]
-
-
-def _check_id(value: Any) -> dict[str, Any] | None:
-    if not isinstance(value, str):
-        return _error("validation_invalid_value", "Must be a string.")
-    if len(value) < 15:
-        return _error("validation_min_text_constraint", "Must be at least 15 character(s).", min=15)
-    if len(value) > 15:
-        return _error("validation_max_text_constraint", "Must be no more than 15 character(s).", max=15)
-    if not _ID_RE.match(value):
-        return _error("validation_invalid_format", "Invalid value format.")
-    return None
-
-
-def _to_sql(value: Any) -> Any:
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    if isinstance(value, bool):
-        return int(value)
-    return value
-
-
-def decode_value(field: dict[str, Any], raw: Any) -> Any:
-    kind = field["type"]
-    if kind == "number":
-        value = float(raw or 0)
-        return int(value) if value.is_integer() and abs(value) < 2**53 else value
-    if kind == "bool":
-        return bool(raw)
-    if kind == "json":
-        if raw is None:
-            return None
-        if isinstance(raw, (int, float)):
-            return raw
-        try:
-            return json.loads(raw)
-        except (TypeError, ValueError):
-            return raw
-    if F.is_multiple(field):
-        if isinstance(raw, str) and raw.startswith("["):
-            try:
-                return list(json.loads(raw))
-            except ValueError:
-                return []
-        return [raw] if raw else []
-    return "" if raw is None else str(raw)
-
-
-def _coerce(field: dict[str, Any], data: dict[str, Any], current: Any, from_form: bool) -> tuple[Any, dict[str, Any] | None]:
-    """The stored form of the client's value for ``field``, or the error that refuses it."""
-    name, kind = field["name"], field["type"]
-    value = data.get(name, current)
-    if kind in ("text", "email", "url"):
-        if value is None:
-            return "", None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and kind == "text":
-            return str(value), None
-        if not isinstance(value, str):
-            return None, _error("validation_invalid_value", "Must be a string.")
-        return (value.strip() if kind != "text" else value), None
-    if kind == "number":
-        if value is None or value == "":
-            return 0, None
-        if isinstance(value, bool):
-            return None, _error("validation_invalid_number", "Must be a number.")
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                return None, _error("validation_invalid_number", "Must be a number.")
-        if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
-            return None, _error("validation_invalid_number", "Must be a number.")
-        return (int(value) if float(value).is_integer() and abs(value) < 2**53 else float(value)), None
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value, None
-        if value is None:
-            return False, None
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value), None
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE, None
-        return None, _error("validation_invalid_bool", "Must be a boolean.")
-    if kind == "date":
-        if value in (None, ""):
-            return "", None
-        normalized = normalize_datetime(value) if isinstance(value, str) else None
-        if normalized is None:
-            return None, _error("validation_invalid_date", "Must be a valid date.")
-        return normalized, None
-    if kind == "select":
-        if F.is_multiple(field):
-            items = [] if value in (None, "") else (value if isinstance(value, list) else [value])
-            if name + "+" in data:
-                extra = data[name + "+"]
-                items = list(current) + (extra if isinstance(extra, list) else [extra])
-            if name + "-" in data:
-                gone = data[name + "-"]
-                gone_list = gone if isinstance(gone, list) else [gone]
-                items = [i for i in items if i not in gone_list]
-            if not all(isinstance(i, str) for i in items):
-                return None, _error("validation_invalid_value", "Must be a list of strings.")
-            return list(dict.fromkeys(items)), None
-        if isinstance(value, list):
-            if len(value) > 1:
-                return None, _error("validation_too_many_values", "Select no more than 1.", maxSelect=1)
-            value = value[0] if value else ""
-        if value is None:
-            return "", None
-        if not isinstance(value, str):
-            return None, _error("validation_invalid_value", "Must be a string.")
-        return value, None
-    if kind == "json":
-        if from_form and isinstance(value, str):
-            try:
-                return json.loads(value), None
-            except ValueError:
-                return value, None
-        return value, None
-    return value, None
-
-
-def _validate(field: dict[str, Any], value: Any) -> dict[str, Any] | None:
-    kind = field["type"]
-    required = field.get("required")
-    empty = value in ("", None, [], {}) or (kind == "number" and value == 0) or (kind == "bool" and value is False)
-    if required and empty:
-        return _error("validation_required", "Cannot be blank.")
-    if empty:
-        return None
-    if kind == "text":
-        length = len(value)
-        if field.get("min") and length < field["min"]:
-            return _error("validation_min_text_constraint", f"Must be at least {field['min']} character(s).", min=field["min"])
-        maximum = field.get("max") or 5000
-        if length > maximum:
-            return _error("validation_max_text_constraint", f"Must be no more than {maximum} character(s).", max=maximum)
-        if field.get("pattern") and not re.search(field["pattern"], value):
-            return _error("validation_invalid_format", "Invalid value format.")
-    elif kind == "number":
-        if field.get("onlyInt") and not float(value).is_integer():
-            return _error("validation_not_an_integer", "Must be an integer.")
-        if field.get("min") is not None and value < field["min"]:
-            return _error("validation_min_number_constraint", f"Must be larger than {field['min']}.", min=field["min"])
-        if field.get("max") is not None and value > field["max"]:
-            return _error("validation_max_number_constraint", f"Must be less than {field['max']}.", max=field["max"])
-    elif kind in ("email", "url"):
-        if kind == "email" and not _EMAIL_RE.match(value):
-            return _error("validation_is_email", "Must be a valid email address.")
-        if kind == "url" and not _URL_RE.match(value):
-            return _error("validation_invalid_url", "Must be a valid url.")
-        domain = value.rsplit("@", 1)[-1] if kind == "email" else re.sub(r"^https?://([^/:?#]+).*$", r"\1", value, flags=re.I)
-        if field.get("onlyDomains") and domain.lower() not in [d.lower() for d in field["onlyDomains"]]:
-            return _error("validation_email_domain_not_allowed" if kind == "email" else "validation_url_domain_not_allowed", "Domain not allowed.")
-        if field.get("exceptDomains") and domain.lower() in [d.lower() for d in field["exceptDomains"]]:
-            return _error("validation_email_domain_not_allowed" if kind == "email" else "validation_url_domain_not_allowed", "Domain not allowed.")
-    elif kind == "date":
-        if field.get("min") and value < normalize_datetime(field["min"]):
-            return _error("validation_min_date_constraint", f"Must be no earlier than {field['min']}.")
-        if field.get("max") and value > normalize_datetime(field["max"]):
-            return _error("validation_max_date_constraint", f"Must be no later than {field['max']}.")
-    elif kind == "select":
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if item not in field["values"]:
-                return _error("validation_invalid_value", f"Invalid value {item}.", value=item)
-        limit = int(field.get("maxSelect") or 1)
-        if len(items) > limit:
-            return _error("validation_too_many_values", f"Select no more than {limit}.", maxSelect=limit)
-    elif kind == "json":
-        limit = int(field.get("maxSize") or F.DEFAULT_JSON_MAX_SIZE)
-        if len(json.dumps(value)) > limit:
-            return _error("validation_json_size_limit", f"The maximum allowed JSON size is {limit} bytes.", maxSize=limit)
-    return None

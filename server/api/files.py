@@ -10,7 +10,7 @@ from starlette.responses import FileResponse, Response
 
 from .. import auth as tokens
 from ..errors import NotFound
-from ..records import decode_value
+from ..values import decode
 from ..tools import mimetypes
 from .common import get_app, json_response, require_auth
 
@@ -42,7 +42,7 @@ async def download(request: Request) -> Response:
         raise NotFound()
     owner = None
     for field in collection.file_fields():
-        value = decode_value(field, row[field["name"]])
+        value = decode(field, row[field["name"]])
         names = value if isinstance(value, list) else [value]
         if filename in names:
             owner = field
