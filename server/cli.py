@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 
 from .app import opened
 from .collections import SUPERUSERS
 from .errors import ApiError
 from .records import Requester
+from .values import EMAIL_RE
 
 DEFAULT_DIR = "./pb_data"
 DEFAULT_HTTP = "127.0.0.1:8090"
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def upsert_superuser(data_dir: str, email: str, password: str) -> str:
-    if not _EMAIL_RE.match(email):
+    if not EMAIL_RE.match(email):
         raise SystemExit(f"invalid email {email!r}")
     if len(password) < 8 or len(password.encode()) > 71:
         raise SystemExit("the password must be 8 to 71 bytes long")

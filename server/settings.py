@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from typing import Any
 
 from croniter import croniter
@@ -12,6 +11,7 @@ from croniter import croniter
 from .database import Database
 from .errors import ValidationError, field_error
 from .tools.times import now
+from .values import EMAIL_RE, URL_RE
 
 PARAMS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS _params (
@@ -22,8 +22,6 @@ CREATE TABLE IF NOT EXISTS _params (
 );
 """
 _KEY = "settings"
-_URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.I)
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 
 DEFAULTS: dict[str, Any] = {
@@ -162,9 +160,9 @@ def validate(data: dict[str, Any]) -> dict[str, Any]:
         put("meta", "appName", "validation_required", "Cannot be blank.")
     elif len(meta["appName"]) > 255:
         put("meta", "appName", "validation_length_out_of_range", "The length must be between 1 and 255.")
-    if not _URL_RE.match(meta["appURL"]):
+    if not URL_RE.match(meta["appURL"]):
         put("meta", "appURL", "validation_is_url", "Must be a valid URL.")
-    if meta["senderAddress"] and not _EMAIL_RE.match(meta["senderAddress"]):
+    if meta["senderAddress"] and not EMAIL_RE.match(meta["senderAddress"]):
         put("meta", "senderAddress", "validation_is_email", "Must be a valid email address.")
     logs = data["logs"]
     if logs["maxDays"] < 0:
@@ -180,7 +178,7 @@ def validate(data: dict[str, Any]) -> dict[str, Any]:
         for key in ("bucket", "region", "endpoint", "accessKey", "secret"):
             if not s3[key]:
                 put("backups", key, "validation_required", "Cannot be blank.", sub="s3")
-        if s3["endpoint"] and not _URL_RE.match(s3["endpoint"]):
+        if s3["endpoint"] and not URL_RE.match(s3["endpoint"]):
             put("backups", "endpoint", "validation_is_url", "Must be a valid URL.", sub="s3")
     proxy = data["trustedProxy"]
     if not all(isinstance(h, str) and h for h in proxy["headers"]):

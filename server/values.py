@@ -16,8 +16,8 @@ from . import fields as F
 from .errors import field_error
 from .tools.times import normalize_datetime
 
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.I)
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.I)
 _ID_RE = re.compile(r"^[a-z0-9]+$")
 TRUE = {"true", "1", "on", "yes"}
 FALSE = {"false", "0", "off", "no", ""}
@@ -175,9 +175,9 @@ def validate(field: dict[str, Any], value: Any) -> dict[str, Any] | None:
         if field.get("max") is not None and value > field["max"]:
             return error("validation_max_number_constraint", f"Must be less than {field['max']}.", max=field["max"])
     elif kind in ("email", "url"):
-        if kind == "email" and not _EMAIL_RE.match(value):
+        if kind == "email" and not EMAIL_RE.match(value):
             return error("validation_is_email", "Must be a valid email address.")
-        if kind == "url" and not _URL_RE.match(value):
+        if kind == "url" and not URL_RE.match(value):
             return error("validation_invalid_url", "Must be a valid url.")
         domain = value.rsplit("@", 1)[-1] if kind == "email" else re.sub(r"^https?://([^/:?#]+).*$", r"\1", value, flags=re.I)
         if field.get("onlyDomains") and domain.lower() not in [d.lower() for d in field["onlyDomains"]]:
