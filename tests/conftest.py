@@ -37,6 +37,22 @@ def run_cli(*args: str, data_dir: Path | None = None, check: bool = True, timeou
     return result
 
 
+def wait_healthy(url: str, timeout: float, alive: Any, describe: Any) -> None:
+    """Poll ``url``/api/health until it answers 200; fail with ``describe()`` if ``alive()`` turns
+    false or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise AssertionError(f"server exited early:\n{describe()}")
+        try:
+            if httpx.get(url + "/api/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"server did not become healthy:\n{describe()}")
+
+
 class ServerProcess:
     """One server process over one data directory; can be stopped and started again."""
 
@@ -53,17 +69,8 @@ class ServerProcess:
             [sys.executable, "-m", "server", "serve", "--http", f"127.0.0.1:{self.port}", "--dir", str(self.data_dir)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited early:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/api/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server did not become healthy:\n{self.output()}")
+        process = self.process
+        wait_healthy(self.url, timeout, lambda: process.poll() is None, self.output)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

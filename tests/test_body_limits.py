@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import Api, auth, unique
+from conftest import Api, unique
 
 
 def test_oversized_json_body_is_refused_with_413(api: Api, su: dict[str, str]) -> None:

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import bcrypt
-import httpx
 import pytest
 
-from conftest import ROOT, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, ServerProcess, free_port, run_cli
+from conftest import ROOT, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, ServerProcess, free_port, run_cli, wait_healthy
 
 
 def superusers(data_dir: Path) -> list[sqlite3.Row]:
@@ -280,15 +279,7 @@ class Serving:
                 return line
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/api/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"serve did not become healthy:\n{''.join(self.output)}")
+        wait_healthy(self.url, timeout, lambda: True, lambda: "".join(self.output))
 
     def stop(self) -> str:
         """Terminate, and return everything it printed."""

@@ -1,4 +1,4 @@
-from conftest import Api, auth
+from conftest import Api
 
 
 def test_health_and_superuser_login(api: Api, su: dict[str, str]) -> None:
