@@ -35,6 +35,7 @@ RULES = ("listRule", "viewRule", "createRule", "updateRule", "deleteRule")
 AUTH_RULES = ("authRule", "manageRule")
 _NAME_RE = re.compile(r"^\w+$")
 _INDEX_TABLE_RE = re.compile(r"(\bON\s+)(`[^`]+`|\"[^\"]+\"|\[[^\]]+\]|\w+)", re.I)
+_FILTERABLE = {"id", "name", "type", "system", "created", "updated", *RULES}
 _RESERVED_TABLES = {"_collections", "_params", "_migrations", "_logs"}
 
 AUTH_DEFAULTS: dict[str, Any] = {
@@ -233,6 +234,14 @@ class CollectionStore:
 
     def all(self) -> list[Collection]:
         return list(self._by_id.values())
+
+    async def matching(self, expression: str) -> list[Collection]:
+        """The collections a filter expression selects (over their stored columns)."""
+        node = filters.parse(expression, _FILTERABLE)
+        condition, args = filters.to_sql(node, None)
+        rows = await self._db.fetchall(f"SELECT id FROM _collections WHERE {condition}", args)
+        wanted = {row["id"] for row in rows}
+        return [c for c in self._by_id.values() if c.id in wanted]
 
     def find(self, id_or_name: str) -> Collection | None:
         found = self._by_id.get(id_or_name)

@@ -811,3 +811,15 @@ def test_rename_collection_with_unquoted_index(api: Api, su: dict[str, str], ser
     assert len(response.json()["indexes"]) == 1 and old not in response.json()["indexes"][0].replace(f"idx_code_{old}", "")
     duplicate = api.http.post(f"/api/collections/{new}/records", json={"code": "k"}, headers=su)
     assert duplicate.status_code == 400 and duplicate.json()["data"]["code"]["code"] == "validation_not_unique"
+
+
+def test_list_collections_filter(api: Api, su: dict[str, str]) -> None:
+    response = api.http.get("/api/collections", params={"filter": "type = 'auth' && system = true"}, headers=su)
+    assert response.status_code == 200, response.text
+    assert [c["name"] for c in response.json()["items"]] == ["_superusers"]
+    response = api.http.get("/api/collections", params={"filter": "name ~ 'user'"}, headers=su)
+    assert "users" in [c["name"] for c in response.json()["items"]]
+    assert all("user" in c["name"] for c in response.json()["items"])
+    response = api.http.get("/api/collections", params={"filter": "fields = 'x'"}, headers=su)
+    assert response.status_code == 400
+    assert "fields" in response.json()["message"]

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import BadRequest
+from ..tools.filter import FilterError
 from .common import get_app, json_response, no_content, read_json, require_superuser
 
 _FORMAT_ERROR = "Failed to load the submitted data due to invalid formatting."
@@ -15,8 +16,14 @@ _FORMAT_ERROR = "Failed to load the submitted data due to invalid formatting."
 
 async def list_collections(request: Request) -> Response:
     await require_superuser(request)
-    items = [c.to_json() for c in get_app(request).collections.all()]
     params = request.query_params
+    store = get_app(request).collections
+    expression = params.get("filter", "").strip()
+    try:
+        found = await store.matching(expression) if expression else store.all()
+    except FilterError as exc:
+        raise BadRequest(f"Invalid filter: {exc}") from exc
+    items = [c.to_json() for c in found]
     try:
         page = max(int(params.get("page") or 1), 1)
         per_page = min(max(int(params.get("perPage") or 30), 1), 1000)
