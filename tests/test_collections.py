@@ -823,3 +823,12 @@ def test_list_collections_filter(api: Api, su: dict[str, str]) -> None:
     response = api.http.get("/api/collections", params={"filter": "fields = 'x'"}, headers=su)
     assert response.status_code == 400
     assert "fields" in response.json()["message"]
+
+
+def test_list_collections_sort(api: Api, su: dict[str, str]) -> None:
+    names = [c["name"] for c in api.http.get("/api/collections", params={"sort": "-name", "perPage": 1000}, headers=su).json()["items"]]
+    assert names == sorted(names, reverse=True)
+    items = api.http.get("/api/collections", params={"sort": "type,name", "perPage": 1000}, headers=su).json()["items"]
+    assert [(c["type"], c["name"]) for c in items] == sorted((c["type"], c["name"]) for c in items)
+    response = api.http.get("/api/collections", params={"sort": "fields"}, headers=su)
+    assert response.status_code == 400 and "fields" in response.json()["message"]

@@ -11,6 +11,7 @@ from ..errors import BadRequest
 from ..tools.filter import FilterError
 from .common import get_app, json_response, no_content, read_json, require_superuser
 
+_SORTABLE = ("id", "name", "type", "system", "created", "updated")
 _FORMAT_ERROR = "Failed to load the submitted data due to invalid formatting."
 
 
@@ -29,9 +30,12 @@ async def list_collections(request: Request) -> Response:
         per_page = min(max(int(params.get("perPage") or 30), 1), 1000)
     except ValueError as exc:
         raise BadRequest("Invalid page or perPage value.") from exc
-    sort = params.get("sort", "")
-    if sort.lstrip("-+") in ("name", "created", "updated", "type", "id"):
-        items.sort(key=lambda c: c[sort.lstrip("-+")], reverse=sort.startswith("-"))
+    # Sort keys apply last-first, so that the first one given is the primary order (stable sort).
+    for key in reversed([k.strip() for k in params.get("sort", "").split(",") if k.strip()]):
+        name = key.lstrip("-+")
+        if name not in _SORTABLE:
+            raise BadRequest(f"Invalid sort field {key!r}.")
+        items.sort(key=lambda c: c[name], reverse=key.startswith("-"))
     total = len(items)
     chunk = items[(page - 1) * per_page : page * per_page]
     return json_response({"page": page, "perPage": per_page, "totalItems": total,
