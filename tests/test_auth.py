@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 import time
 from typing import Any
@@ -552,3 +554,25 @@ def test_error_bodies_never_contain_a_path(api: Api, server: ServerProcess, su: 
         assert str(server.data_dir.parent) not in text
         assert "pb_data" not in text
         assert "Traceback" not in text
+
+
+def test_auth_methods(api: Api, su: dict[str, str]) -> None:
+    response = api.http.get("/api/collections/users/auth-methods")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["password"] == {"identityFields": ["email"], "enabled": True}
+    assert body["oauth2"]["enabled"] is False and body["mfa"]["enabled"] is False
+    # Password auth turned off for the collection: the route says so and logins are refused.
+    name = "authm_" + os.urandom(3).hex()
+    assert api.http.post("/api/collections", headers=su, json={
+        "name": name, "type": "auth", "createRule": "", "passwordAuth": {"enabled": False},
+    }).status_code == 200
+    assert api.http.get(f"/api/collections/{name}/auth-methods").json()["password"]["enabled"] is False
+    created = api.http.post(f"/api/collections/{name}/records",
+                            json={"email": "pa@example.com", "password": "pass12345", "passwordConfirm": "pass12345"})
+    assert created.status_code == 200, created.text
+    refused = api.http.post(f"/api/collections/{name}/auth-with-password",
+                            json={"identity": "pa@example.com", "password": "pass12345"})
+    assert refused.status_code == 400
+    # Not an auth collection, or no such collection.
+    assert api.http.get("/api/collections/nope_nope/auth-methods").status_code == 404
