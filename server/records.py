@@ -457,7 +457,7 @@ class RecordService:
                 return V.error("validation_invalid_value", f"Unknown file {unknown[0]!r}.")
             kept = given_list
         elif name in files:
-            kept = [] if not multiple else ([] if not creating and files.get(name) else existing)
+            kept = []  # uploads under the plain name replace the current files; `name+` appends
         removed = data.get(name + "-")
         if removed is not None:
             removed_list = removed if isinstance(removed, list) else [removed]
