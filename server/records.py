@@ -378,7 +378,7 @@ class RecordService:
                     errors["verified"] = V.error("validation_values_mismatch", "Only superusers can change the verified state.")
                     continue
             if kind == "file":
-                problem = self._prepare_file(field, data, payload.files, values, pending, creating)
+                problem = self._prepare_file(field, data, payload.files, values, pending)
                 if problem:
                     errors[name] = problem
                 elif any(k in data for k in (name, name + "+", name + "-")) or any(
@@ -442,7 +442,7 @@ class RecordService:
         changed.update(("password", "tokenKey"))
 
     def _prepare_file(self, field: dict[str, Any], data: dict[str, Any], files: dict[str, list[IncomingFile]],
-                      values: dict[str, Any], pending: list[tuple[str, IncomingFile]], creating: bool) -> dict[str, Any] | None:
+                      values: dict[str, Any], pending: list[tuple[str, IncomingFile]]) -> dict[str, Any] | None:
         name = field["name"]
         multiple = F.is_multiple(field)
         existing = list(values[name]) if multiple else ([values[name]] if values[name] else [])
