@@ -14,14 +14,15 @@ import re
 import shutil
 import sqlite3
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any
 
 from . import fields as F
+from . import paging
 from .database import Database, Transaction
 from .datadir import DataDir
-from .errors import NotFound, ValidationError, field_error
+from .errors import BadRequest, NotFound, ValidationError, field_error
 from .tools import filter as filters
 from .tools.security import random_digits, random_string
 from .tools.times import now
@@ -35,6 +36,7 @@ RULES = ("listRule", "viewRule", "createRule", "updateRule", "deleteRule")
 AUTH_RULES = ("authRule", "manageRule")
 _NAME_RE = re.compile(r"^\w+$")
 _INDEX_TABLE_RE = re.compile(r"(\bON\s+)(`[^`]+`|\"[^\"]+\"|\[[^\]]+\]|\w+)", re.I)
+_SORTABLE = ("id", "name", "type", "system", "created", "updated")
 _FILTERABLE = {"id", "name", "type", "system", "created", "updated", *RULES}
 _RESERVED_TABLES = {"_collections", "_params", "_migrations", "_logs"}
 
@@ -234,6 +236,25 @@ class CollectionStore:
 
     def all(self) -> list[Collection]:
         return list(self._by_id.values())
+
+    async def list_page(self, params: Mapping[str, str]) -> paging.Page:
+        """A page of collections, with the records list's ``page``, ``perPage``, ``filter`` and
+        ``sort`` parameters (sortable by their scalar keys)."""
+        page, per_page = paging.parse(params)
+        expression = params.get("filter", "").strip()
+        try:
+            found = await self.matching(expression) if expression else self.all()
+        except filters.FilterError as exc:
+            raise BadRequest(f"Invalid filter: {exc}") from exc
+        items = [c.to_json() for c in found]
+        # Sort keys apply last-first, so that the first one given is the primary order (stable sort).
+        for key in reversed([k.strip() for k in params.get("sort", "").split(",") if k.strip()]):
+            name = key.lstrip("-+")
+            if name not in _SORTABLE:
+                raise BadRequest(f"Invalid sort field {key!r}.")
+            items.sort(key=lambda c: c[name], reverse=key.startswith("-"))
+        chunk = items[(page - 1) * per_page : page * per_page]
+        return paging.Page(page, per_page, len(items), paging.total_pages(len(items), per_page), chunk)
 
     async def matching(self, expression: str) -> list[Collection]:
         """The collections a filter expression selects (over their stored columns)."""

@@ -55,6 +55,11 @@ def make_field(field_type: str, name: str, **options: Any) -> dict[str, Any]:
     return dict(sorted(field.items()))
 
 
+def max_file_size(field: dict[str, Any]) -> int:
+    """The largest file a file field takes, in bytes (``maxSize`` 0 means the default)."""
+    return int(field.get("maxSize") or DEFAULT_FILE_MAX_SIZE)
+
+
 def is_multiple(field: dict[str, Any]) -> bool:
     return field["type"] in ("select", "file") and int(field.get("maxSelect") or 1) > 1
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 import shutil
@@ -15,6 +14,7 @@ from typing import Any, BinaryIO
 
 from . import auth as tokens
 from . import fields as F
+from . import paging
 from . import values as V
 from .collections import Collection, CollectionStore
 from .database import Database, Transaction
@@ -26,8 +26,6 @@ from .tools.security import random_id, random_string
 from .tools.times import now
 
 _SORT_RE = re.compile(r"^([+-]?)(\w+)$")
-MAX_PER_PAGE = 1000
-DEFAULT_PER_PAGE = 30
 
 
 @dataclass(frozen=True)
@@ -75,18 +73,6 @@ class RecordInput:
     from_form: bool = False  # multipart/urlencoded: every value arrived as a string
 
 
-@dataclass
-class Page:
-    page: int
-    per_page: int
-    total_items: int
-    total_pages: int
-    items: list[dict[str, Any]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"items": self.items, "page": self.page, "perPage": self.per_page,
-                "totalItems": self.total_items, "totalPages": self.total_pages}
-
 
 def _file_name(original: str) -> str:
     """``<snake_name>_<random>.<ext>`` as PocketBase names stored files."""
@@ -106,12 +92,11 @@ class RecordService:
 
     # --- reading ---------------------------------------------------------------------------
 
-    async def list_page(self, collection: Collection, requester: Requester, params: Mapping[str, str]) -> Page:
+    async def list_page(self, collection: Collection, requester: Requester, params: Mapping[str, str]) -> paging.Page:
         rule = collection.rule("listRule")
         if rule is None and not requester.is_superuser:
             raise Forbidden("Only superusers can perform this action.")
-        page = _positive_int(params.get("page"), 1, "page")
-        per_page = min(_positive_int(params.get("perPage"), DEFAULT_PER_PAGE, "perPage"), MAX_PER_PAGE)
+        page, per_page = paging.parse(params)
         columns = set(collection.field_names())
         where, args = self._rule_sql(collection, requester, "listRule")
         raw_filter = params.get("filter", "")
@@ -133,9 +118,9 @@ class RecordService:
             total_items = total_pages = -1
         else:
             total_items = int(await self._db.scalar(f"SELECT COUNT(*) FROM {table} WHERE {where}", args))
-            total_pages = math.ceil(total_items / per_page)
+            total_pages = paging.total_pages(total_items, per_page)
         items = [self.to_json(collection, row, requester) for row in rows]
-        return Page(page, per_page, total_items, total_pages, pick_fields(items, params.get("fields")))
+        return paging.Page(page, per_page, total_items, total_pages, pick_fields(items, params.get("fields")))
 
     async def view(self, collection: Collection, record_id: str, requester: Requester) -> dict[str, Any]:
         if collection.rule("viewRule") is None and not requester.is_superuser:
@@ -374,7 +359,7 @@ class RecordService:
                     values["id"] = random_id()
                 continue
             if collection.is_auth and name == "verified" and "verified" in data and not requester.is_superuser:
-                if data["verified"] not in (False, "false", "0", "", 0, None) and not values["verified"]:
+                if V.truthy(data["verified"]) and not values["verified"]:
                     errors["verified"] = V.error("validation_values_mismatch", "Only superusers can change the verified state.")
                     continue
             if kind == "file":
@@ -463,7 +448,7 @@ class RecordService:
             removed_list = removed if isinstance(removed, list) else [removed]
             kept = [k for k in kept if k not in removed_list]
         uploads = list(files.get(name, [])) + list(files.get(name + "+", []))
-        max_size = int(field.get("maxSize") or F.DEFAULT_FILE_MAX_SIZE)
+        max_size = F.max_file_size(field)
         allowed = field.get("mimeTypes") or []
         new_names: list[str] = []
         for upload in uploads:
@@ -552,17 +537,6 @@ def _unique_error(exc: sqlite3.IntegrityError, message: str) -> ValidationError:
 def _hidden_names(collection: Collection) -> set[str]:
     return {f["name"] for f in collection.fields if f.get("hidden")}
 
-
-def _positive_int(raw: str | None, default: int, name: str) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise BadRequest(f"Invalid {name} value.") from exc
-    if value >= 2**62:
-        raise BadRequest(f"Invalid {name} value.")
-    return value if value > 0 else default
 
 
 def pick_fields(items: list[dict[str, Any]], raw: str | None) -> list[dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shlex
@@ -63,17 +62,14 @@ def serve(address: str, data_dir: str) -> None:
     base = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"
 
     async def banner() -> None:
-        await core.open()
-        missing = not await core.has_superuser()
-        await core.close()
+        # Runs once the core has started (in the lifespan), so start-up work is done only once.
         print(f"Server started at {base}\n├─ REST API:  {base}/api/\n└─ Data dir:  {core.datadir.root}", flush=True)
-        if missing:
+        if not await core.has_superuser():
             print("\n(!) No superuser exists yet. Create one with:\n"
                   f"    {superuser_hint(Path(data_dir))}", flush=True)
 
-    asyncio.run(banner())
     # proxy_headers=False: the client IP comes from the socket unless settings.trustedProxy says
     # otherwise (uvicorn would trust X-Forwarded-For from 127.0.0.1 by default).
-    config = uvicorn.Config(create_asgi_app(core), log_level="warning", lifespan="on", access_log=False,
+    config = uvicorn.Config(create_asgi_app(core, on_started=banner), log_level="warning", lifespan="on", access_log=False,
                             timeout_graceful_shutdown=10, proxy_headers=False)
     uvicorn.Server(config).run(sockets=[sock])

@@ -23,6 +23,13 @@ TRUE = {"true", "1", "on", "yes"}
 FALSE = {"false", "0", "off", "no", ""}
 
 
+def truthy(value: Any) -> bool:
+    """Whether a client's value means "true" (``True``, 1, or a string such as "true"/"on")."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return bool(value)
+    return str(value).strip().lower() in TRUE
+
+
 def error(code: str, message: str, **params: Any) -> dict[str, Any]:
     out: dict[str, Any] = field_error(code, message)
     if params:

@@ -37,6 +37,17 @@ def run_cli(*args: str, data_dir: Path | None = None, check: bool = True, timeou
     return result
 
 
+def terminate(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def wait_healthy(url: str, timeout: float, alive: Any, describe: Any) -> None:
     """Poll ``url``/api/health until it answers 200; fail with ``describe()`` if ``alive()`` turns
     false or the deadline passes."""
@@ -73,13 +84,8 @@ class ServerProcess:
         wait_healthy(self.url, timeout, lambda: process.poll() is None, self.output)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
         self.process = None
 
     def restart(self) -> None:

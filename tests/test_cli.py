@@ -14,7 +14,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from conftest import ROOT, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, ServerProcess, free_port, run_cli, wait_healthy
+from conftest import ROOT, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, ServerProcess, free_port, run_cli, terminate, wait_healthy
 
 
 def superusers(data_dir: Path) -> list[sqlite3.Row]:
@@ -279,17 +279,11 @@ class Serving:
                 return line
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        wait_healthy(self.url, timeout, lambda: True, lambda: "".join(self.output))
+        wait_healthy(self.url, timeout, lambda: self.process.poll() is None, lambda: "".join(self.output))
 
     def stop(self) -> str:
         """Terminate, and return everything it printed."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.reader.join(timeout=10)
         while True:
             try:

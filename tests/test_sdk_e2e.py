@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, ServerProcess, free_port
+from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, ServerProcess, free_port, terminate
 
 E2E = Path(__file__).resolve().parent / "e2e"
 EXPECTED = json.loads((E2E / "pocketbase-0.40.6.expected.json").read_text())
@@ -67,8 +67,7 @@ def pocketbase(tmp_path: Path) -> Iterator[str]:
             time.sleep(0.05)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=15)
+        terminate(process)
 
 
 def test_sdk_flow_against_our_server(server: ServerProcess) -> None:

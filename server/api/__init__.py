@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -159,10 +159,14 @@ class RequestLogMiddleware:
             self.core.logs.add(level, f"{data['method']} {path}", data)
 
 
-def create_asgi_app(core: App) -> Starlette:
+def create_asgi_app(core: App, on_started: Callable[[], Awaitable[None]] | None = None) -> Starlette:
+    """The ASGI app over ``core``; ``on_started`` runs once the core has started."""
+
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await core.start()
+        if on_started is not None:
+            await on_started()
         try:
             yield
         finally:

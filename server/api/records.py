@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from ..collections import Collection
 from ..errors import NotFound
-from ..fields import DEFAULT_FILE_MAX_SIZE
+from ..fields import max_file_size
 from ..records import pick_fields
 from .limits import BODY_LIMIT_KEY, DEFAULT_BODY_LIMIT
 from .common import get_app, json_response, no_content, read_record_input, requester
@@ -32,8 +32,7 @@ async def view_record(request: Request) -> Response:
 
 def _allow_files(request: Request, collection: Collection) -> None:
     """Raise the body limit by what the collection's file fields may legitimately carry."""
-    extra = sum(int(f.get("maxSize") or DEFAULT_FILE_MAX_SIZE) * int(f.get("maxSelect") or 1)
-                for f in collection.file_fields())
+    extra = sum(max_file_size(f) * int(f.get("maxSelect") or 1) for f in collection.file_fields())
     request.scope[BODY_LIMIT_KEY] = DEFAULT_BODY_LIMIT + extra
 
 
