@@ -12,7 +12,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from .backups import BackupManager
+from .backups import restore
+from .backups.manager import describe_error
 from .collections import SUPERUSERS, CollectionStore
+from . import faults
 from .cron import Scheduler
 from .database import Database
 from .datadir import DataDir
@@ -44,15 +48,44 @@ class App:
         self.settings = Settings(self.db)
         self.logs = LogWriter(self.aux_db)
         self.scheduler = scheduler or Scheduler()
+        self.backups = BackupManager(self.datadir, self.db, self.aux_db, self.settings, self.logs)
         self._started = False
 
     async def open(self) -> None:
-        """Open the databases and bring their schema up to date (no background tasks)."""
+        """Open the databases and bring their schema up to date (no background tasks).
+
+        If a restore swapped new data in before the process re-executed, this is its first boot:
+        the old data is deleted if the new data opens, and put back if it does not."""
+        root = self.datadir.root
+        outcome = await asyncio.to_thread(restore.interrupted, root) if root.exists() else None
+        journal = await asyncio.to_thread(restore.pending, root) if root.exists() else None
         await asyncio.to_thread(self.datadir.prepare)
+        try:
+            if journal is not None:
+                faults.raise_point("restore-boot")
+            await self._open_data()
+        except Exception as exc:
+            if journal is None:
+                raise
+            logger.exception("the restored data failed to open")
+            await self._close_data()
+            outcome = await asyncio.to_thread(restore.rollback, root, journal, describe_error(exc))
+            journal = None
+            await self._open_data()
+        if journal is not None:
+            outcome = await asyncio.to_thread(restore.commit, root, journal)
+        if outcome is not None:
+            self.backups.record_restore_outcome(outcome)
+
+    async def _open_data(self) -> None:
         await self.db.open()
         await self.aux_db.open()
         await self.collections.bootstrap()
         await self.settings.load()
+
+    async def _close_data(self) -> None:
+        await self.aux_db.close()
+        await self.db.close()
 
     async def start(self) -> None:
         """``open`` plus the background work of a serving process: log writer and scheduler."""
@@ -65,11 +98,11 @@ class App:
 
     async def close(self) -> None:
         if self._started:
+            await self.backups.shutdown()
             await self.scheduler.stop()
             await self.logs.stop()
             self._started = False
-        await self.aux_db.close()
-        await self.db.close()
+        await self._close_data()
 
     async def has_superuser(self) -> bool:
         return bool(await self.db.scalar(f'SELECT EXISTS (SELECT 1 FROM "{SUPERUSERS}")'))

@@ -7,6 +7,8 @@ so reads see the last committed state and never wait for a writer.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -16,6 +18,7 @@ from typing import Any
 import aiosqlite
 
 Params = Sequence[Any] | dict[str, Any]
+logger = logging.getLogger("server.database")
 
 _PRAGMAS = (
     "PRAGMA journal_mode = WAL",
@@ -102,3 +105,81 @@ class Database:
     async def scalar(self, sql: str, params: Params = ()) -> Any:
         row = await self.fetchone(sql, params)
         return None if row is None else row[0]
+
+    @asynccontextmanager
+    async def snapshot(self, temp_dir: Path) -> AsyncIterator[Path]:
+        """A file holding this database as it was at one instant, valid while the context lasts.
+
+        The fast way copies nothing: with writes paused for a moment (our own write lock), the WAL
+        is checkpointed into the main file and a read transaction is opened on that state. A
+        reader that started on a fully checkpointed WAL holds SQLite's read lock 0, which stops
+        every checkpoint from writing to the main file, so the file stays byte-for-byte that
+        state while the backup reads it; writers go on appending to the WAL meanwhile.
+
+        If that cannot be had (a reader elsewhere keeps the WAL busy, or another process wrote in
+        between), the database is copied with SQLite's online backup API into ``temp_dir``.
+        """
+        conn = await asyncio.to_thread(_snapshot_connection, self.path)
+        copy: Path | None = None
+        try:
+            pinned = False
+            for _ in range(_PIN_ATTEMPTS):
+                async with self._write_lock:
+                    pinned = await asyncio.to_thread(_pin_main_file, conn, self.path)
+                if pinned:
+                    break
+                await asyncio.sleep(0.05)
+            if pinned:
+                yield self.path
+            else:
+                logger.info("%s: WAL busy, taking the snapshot with the backup API", self.path.name)
+                copy = temp_dir / f"snapshot_{os.getpid()}_{id(conn)}_{self.path.name}"
+                await asyncio.to_thread(_backup_copy, conn, copy)
+                yield copy
+        finally:
+            await asyncio.to_thread(conn.close)
+            if copy is not None:
+                copy.unlink(missing_ok=True)
+
+
+_PIN_ATTEMPTS = 20
+
+
+def _snapshot_connection(path: Path) -> sqlite3.Connection:
+    # A short busy timeout: the checkpoint runs while our writers wait, so it must not linger.
+    conn = sqlite3.connect(path, timeout=0.2, isolation_level=None, check_same_thread=False)
+    return conn
+
+
+def _pin_main_file(conn: sqlite3.Connection, path: Path) -> bool:
+    """Checkpoint the WAL fully and open a read transaction on the main file alone.
+
+    Called with our writers paused; returns False (and leaves no transaction open) if the main file
+    cannot be pinned this time."""
+    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        return False
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.OperationalError:
+        return False
+    if busy:
+        return False
+    conn.execute("BEGIN")
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    wal = path.with_name(path.name + "-wal")
+    # An empty WAL now means our read began before any new frame: it reads the main file only.
+    if wal.exists() and wal.stat().st_size > 0:
+        conn.execute("ROLLBACK")
+        return False
+    return True
+
+
+def _backup_copy(conn: sqlite3.Connection, target: Path) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    dest = sqlite3.connect(target)
+    try:
+        conn.backup(dest)  # one step: a single read transaction on the source, so one instant
+        dest.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        dest.close()

@@ -38,8 +38,9 @@ class DataDir:
     def prepare(self) -> None:
         """Create the directories and empty the temp one (blocking: call before serving)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for directory in (self.storage, self.backups):
-            directory.mkdir(exist_ok=True)
+        self.storage.mkdir(exist_ok=True)
+        self.backups.mkdir(exist_ok=True)
+        os.chmod(self.backups, 0o700)  # backups hold everything: owner only
         if self.temp.exists():
             shutil.rmtree(self.temp, ignore_errors=True)
         self.temp.mkdir(exist_ok=True)

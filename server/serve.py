@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -13,8 +14,11 @@ import uvicorn
 
 from .api import create_asgi_app
 from .app import App
+from .backups import RestoreReady
+from .backups.restore import Outcome, read_journal, swap_in
 
 LISTEN_FD_ENV = "PB_LISTEN_FD"  # set for a re-exec'd process: the socket it inherits
+RESTORE_ERROR_ENV = "PB_RESTORE_ERROR"  # set for a re-exec'd process whose swap failed early
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -50,6 +54,21 @@ def superuser_hint(data_dir: Path) -> str:
     return f"{shlex.quote(python)} -m server superuser upsert EMAIL PASSWORD --dir {shlex.quote(str(data_dir))}"
 
 
+def _restart(keep_fd: int, ready: RestoreReady, root: Path) -> None:
+    """Swap the verified backup in and re-execute this process, listening socket included."""
+    try:
+        swap_in(root, ready.new_dir, ready.key, ready.started_at)
+    except Exception:
+        # The journal written by swap_in lets the next start undo a partial swap.
+        logging.getLogger("server").exception("the restore swap failed")
+        if read_journal(root) is None:
+            os.environ[RESTORE_ERROR_ENV] = json.dumps({"key": ready.key, "startedAt": ready.started_at})
+    os.environ[LISTEN_FD_ENV] = str(keep_fd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
+
+
 def serve(address: str, data_dir: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     core = App(data_dir)
@@ -58,6 +77,15 @@ def serve(address: str, data_dir: str) -> None:
     except (ValueError, OverflowError, OSError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise SystemExit(f"Error: cannot listen on {address}: {reason}") from None
+    # uvicorn closes its socket when it stops; this duplicate keeps the port listening (clients
+    # queue in the backlog) while a restore swaps the data and the process re-executes itself.
+    keep_fd = os.dup(sock.fileno())
+    os.set_inheritable(keep_fd, True)
+    restore_error = os.environ.pop(RESTORE_ERROR_ENV, None)
+    if restore_error:
+        failed = json.loads(restore_error)
+        core.backups.record_restore_outcome(Outcome(failed["key"], failed["startedAt"], False,
+                                                    "the data could not be swapped; the previous data was kept"))
     host, port = sock.getsockname()[:2]
     base = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"
 
@@ -72,4 +100,14 @@ def serve(address: str, data_dir: str) -> None:
     # otherwise (uvicorn would trust X-Forwarded-For from 127.0.0.1 by default).
     config = uvicorn.Config(create_asgi_app(core, on_started=banner), log_level="warning", lifespan="on", access_log=False,
                             timeout_graceful_shutdown=10, proxy_headers=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    restores: list[RestoreReady] = []
+
+    async def restore_ready(ready: RestoreReady) -> None:
+        restores.append(ready)
+        server.should_exit = True  # graceful: in-flight requests finish, then the lifespan closes the core
+
+    core.backups.on_restore_ready = restore_ready
+    server.run(sockets=[sock])
+    if restores:
+        _restart(keep_fd, restores[0], core.datadir.root)

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..app import App
 from ..errors import ApiError, NotFound, TooLarge
-from . import collections, crons, files, health, record_auth, records, settings
+from . import backups, collections, crons, files, health, record_auth, records, settings
 from .limits import BODY_LIMIT_KEY, DEFAULT_BODY_LIMIT
 
 logger = logging.getLogger("server.api")
@@ -46,6 +46,13 @@ def routes() -> list[Route]:
         Route("/api/settings", settings.patch_settings, methods=["PATCH"]),
         Route("/api/crons", crons.list_crons, methods=["GET"]),
         Route("/api/crons/{id}", crons.run_cron, methods=["POST"]),
+        Route("/api/backups", backups.list_backups, methods=["GET"]),
+        Route("/api/backups", backups.create_backup, methods=["POST"]),
+        Route("/api/backups/status", backups.status, methods=["GET"]),
+        Route("/api/backups/upload", backups.upload_backup, methods=["POST"]),
+        Route("/api/backups/{key}", backups.download_backup, methods=["GET", "HEAD"]),
+        Route("/api/backups/{key}", backups.delete_backup, methods=["DELETE"]),
+        Route("/api/backups/{key}/restore", backups.restore_backup, methods=["POST"]),
     ]
 
 

@@ -13,5 +13,5 @@ async def health(request: Request) -> Response:
     if who.is_superuser:
         app = request.app.state.core
         real_ip, proxy_header = client_ip(request, app.settings.data["trustedProxy"])
-        body["data"] = {"canBackup": True, "realIP": real_ip, "possibleProxyHeader": proxy_header}
+        body["data"] = {"canBackup": app.backups.can_backup, "realIP": real_ip, "possibleProxyHeader": proxy_header}
     return json_response(body)

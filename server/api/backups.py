@@ -1,0 +1,125 @@
+"""``/api/backups``: list, create, upload, download, delete, restore, and status (ours)."""
+
+from __future__ import annotations
+
+import re
+from email.utils import format_datetime as http_date
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+
+from ..errors import BadRequest, Forbidden, NotFound, ValidationError, field_error
+from ..tools.multipart import MultipartError, file_part
+from ..tools.times import format_datetime
+from .common import get_app, json_response, no_content, read_json, require_superuser
+from .limits import BODY_LIMIT_KEY
+
+_DOWNLOAD_HEADERS = {
+    "cache-control": "max-age=2592000, stale-while-revalidate=86400",
+    "content-security-policy": "default-src 'none'; media-src 'self'; style-src 'unsafe-inline'; sandbox",
+    "x-content-type-options": "nosniff",
+}
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+async def list_backups(request: Request) -> Response:
+    await require_superuser(request)
+    files = await get_app(request).backups.list()
+    return json_response([{"key": f.key, "size": f.size, "modified": format_datetime(f.modified)} for f in files])
+
+
+async def status(request: Request) -> Response:
+    await require_superuser(request)
+    return json_response(get_app(request).backups.status())
+
+
+async def create_backup(request: Request) -> Response:
+    await require_superuser(request)
+    body = await read_json(request)
+    name = body.get("name", "")
+    if not isinstance(name, str):
+        raise ValidationError({"name": field_error("validation_invalid_value", "Must be a string.")})
+    await get_app(request).backups.start_create(name or None)
+    return no_content()
+
+
+async def upload_backup(request: Request) -> Response:
+    await require_superuser(request)
+    request.scope[BODY_LIMIT_KEY] = None  # no size limit: the body is streamed to disk
+    declared = request.headers.get("content-length", "")
+    try:
+        part = await file_part(request.stream(), request.headers.get("content-type", ""), "file")
+        if part is None:
+            raise ValidationError({"file": field_error("validation_required", "Cannot be blank.")})
+        filename, chunks = part
+        await get_app(request).backups.upload(filename, chunks, int(declared) if declared.isdigit() else None)
+    except MultipartError as exc:
+        raise BadRequest("Failed to load the submitted data due to invalid formatting.") from exc
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody is listening; the upload was discarded
+    return no_content()
+
+
+async def download_backup(request: Request) -> Response:
+    app = get_app(request)
+    who = await app.records.find_by_token(request.query_params.get("token", ""), "file")
+    if not who.is_superuser:
+        raise Forbidden("Insufficient permissions to access the resource.")
+    key = request.path_params["key"]
+    info = await app.backups.stat(key)
+    if info is None:
+        raise NotFound()
+    headers = {
+        **_DOWNLOAD_HEADERS,
+        "accept-ranges": "bytes",
+        "content-disposition": f'attachment; filename="{key}"',
+        "last-modified": http_date(info.modified, usegmt=True),
+    }
+    start, end, status_code = 0, info.size, 200
+    wanted = request.headers.get("range")
+    if wanted:
+        parsed = _parse_range(wanted, info.size)
+        if parsed is None:
+            headers["content-range"] = f"bytes */{info.size}"
+            return Response("invalid range: failed to overlap\n", status_code=416, headers=headers,
+                            media_type="text/plain; charset=utf-8")
+        start, end = parsed
+        status_code = 206
+        headers["content-range"] = f"bytes {start}-{end - 1}/{info.size}"
+    headers["content-length"] = str(end - start)
+    if request.method == "HEAD":
+        return Response(status_code=status_code, headers=headers, media_type="application/zip")
+    return StreamingResponse(app.backups.read(key, start, end), status_code=status_code, headers=headers,
+                             media_type="application/zip")
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """A single ``bytes=`` range as ``[start, end)``; ``None`` if it cannot be satisfied.
+
+    Several ranges are answered with the first one only (as many servers do)."""
+    first = value.split(",", 1)[0].strip()
+    match = _RANGE_RE.match(first)
+    if match is None or (not match.group(1) and not match.group(2)):
+        return None
+    if not match.group(1):  # a suffix: the last N bytes
+        length = int(match.group(2))
+        if length == 0 or size == 0:
+            return None
+        return max(0, size - length), size
+    start = int(match.group(1))
+    end = int(match.group(2)) + 1 if match.group(2) else size
+    if start >= size or end <= start:
+        return None
+    return start, min(end, size)
+
+
+async def delete_backup(request: Request) -> Response:
+    await require_superuser(request)
+    await get_app(request).backups.delete(request.path_params["key"])
+    return no_content()
+
+
+async def restore_backup(request: Request) -> Response:
+    await require_superuser(request)
+    await get_app(request).backups.start_restore(request.path_params["key"])
+    return no_content()

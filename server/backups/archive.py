@@ -1,0 +1,322 @@
+"""Backup archives: writing one from the data directory, and checking and extracting one.
+
+An archive mirrors ``pb_data`` at its root (``data.db``, ``auxiliary.db``, ``storage/...``), as
+PocketBase's do, plus ``MANIFEST`` (ours): the size and SHA-256 of every other entry, checked
+before a restore touches anything. An archive without a manifest (one made by PocketBase) is
+still restorable; it is then checked for structure and database integrity only.
+
+Everything here blocks: the manager runs it in worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import threading
+import time
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from ..tools.times import now
+
+MANIFEST = "pb_backup_manifest.json"
+MANIFEST_FORMAT = 1
+DATABASES = ("data.db", "auxiliary.db")
+CHUNK = 1 << 20
+COMPRESS_LEVEL = 1  # zlib level 1: several times faster than the default for a few % in size
+# Entries of pb_data never put in a backup (and never restored from one).
+EXCLUDED_TOP = frozenset({"backups"})
+EXCLUDED_SUFFIXES = ("-wal", "-shm", "-journal")
+
+# Limits against hostile archives (zip bombs). Deflate cannot expand more than ~1032:1; only
+# stored and deflated entries are accepted, so the ratio limit is a second line of defence.
+MAX_ENTRIES = 1_000_000
+MAX_RATIO = 1100
+RATIO_MIN_SIZE = 1 << 20  # small entries may have any ratio
+DISK_MARGIN = 64 << 20  # free space kept on the disk after extracting
+
+Progress = Callable[[int], None]
+
+
+class ArchiveError(Exception):
+    """The archive cannot be written or is not a sound backup; the message is safe to show."""
+
+
+class Cancelled(ArchiveError):
+    def __init__(self) -> None:
+        super().__init__("the job was cancelled")
+
+
+@dataclass
+class Source:
+    arcname: str
+    path: Path
+
+
+def is_excluded(relative: PurePosixPath) -> bool:
+    top = relative.parts[0]
+    return top in EXCLUDED_TOP or top.startswith(".") or (len(relative.parts) == 1 and top.endswith(EXCLUDED_SUFFIXES))
+
+
+def collect_files(root: Path, skip: frozenset[str] = frozenset(DATABASES)) -> list[Source]:
+    """The regular files of ``root`` that go into a backup, except ``skip`` (the databases, which
+    come from snapshots). Symbolic links are not followed."""
+    found: list[Source] = []
+    for directory, dirs, files in os.walk(root, followlinks=False):
+        base = Path(directory)
+        rel_dir = PurePosixPath(base.relative_to(root).as_posix())
+        if rel_dir.parts and is_excluded(rel_dir):
+            dirs[:] = []
+            continue
+        dirs.sort()
+        for name in sorted(files):
+            relative = rel_dir / name
+            if is_excluded(relative) or str(relative) in skip or name == MANIFEST and not rel_dir.parts:
+                continue
+            path = base / name
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append(Source(str(relative), path))
+    return found
+
+
+class ArchiveWriter:
+    """Writes a backup zip into ``out`` (a file-like object), entry by entry, then the manifest."""
+
+    def __init__(self, out: IO[bytes], progress: Progress = lambda n: None, cancel: threading.Event | None = None,
+                 level: int = COMPRESS_LEVEL) -> None:
+        self._zip = zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level, allowZip64=True)
+        self._progress = progress
+        self._cancel = cancel or threading.Event()
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def add(self, source: Source, missing_ok: bool = False) -> None:
+        """Add one file; with ``missing_ok`` a file deleted meanwhile is left out."""
+        try:
+            handle = open(source.path, "rb")
+        except FileNotFoundError:
+            if missing_ok:
+                return
+            raise
+        with handle:
+            st = os.fstat(handle.fileno())
+            info = zipfile.ZipInfo(source.arcname, date_time=time.localtime(st.st_mtime)[:6])
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            digest = hashlib.sha256()
+            size = 0
+            with self._zip.open(info, "w", force_zip64=st.st_size >= 1 << 31) as entry:
+                while chunk := handle.read(CHUNK):
+                    if self._cancel.is_set():
+                        raise Cancelled()
+                    entry.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    self._progress(len(chunk))
+        self.files[source.arcname] = {"size": size, "sha256": digest.hexdigest()}
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        manifest = {"format": MANIFEST_FORMAT, "createdAt": now(), **(extra or {}), "files": self.files}
+        info = zipfile.ZipInfo(MANIFEST, date_time=time.localtime()[:6])
+        info.compress_type = zipfile.ZIP_DEFLATED
+        info.external_attr = (stat.S_IFREG | 0o644) << 16
+        self._zip.writestr(info, json.dumps(manifest, indent=1, sort_keys=True))
+        self._zip.close()
+        return manifest
+
+    def close(self) -> None:
+        """Release the zip after a failure (what was written is discarded by the caller)."""
+        try:
+            self._zip.close()
+        except Exception:
+            pass
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _entry_path(info: zipfile.ZipInfo) -> PurePosixPath:
+    """The entry's path inside the archive, refused if it could point outside the target."""
+    name = info.filename
+    if not name or "\x00" in name or "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise ArchiveError(f"the archive has an unsafe entry name {name!r}")
+    path = PurePosixPath(name)
+    if any(part in ("..", ".") for part in path.parts) or not path.parts:
+        raise ArchiveError(f"the archive has an unsafe entry name {name!r}")
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+        raise ArchiveError(f"the archive has a link or special file entry {name!r}")
+    return path
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ArchiveError("the file is not a readable zip archive") from exc
+
+
+@dataclass
+class Plan:
+    """What an archive would extract to, after its structure was checked."""
+
+    entries: list[tuple[zipfile.ZipInfo, PurePosixPath]] = field(default_factory=list)
+    manifest: dict[str, Any] | None = None
+    total_size: int = 0
+
+
+def plan_archive(archive: zipfile.ZipFile) -> Plan:
+    """Check the structure of ``archive`` without extracting it: safe names, no links, no
+    duplicates, no encryption, only stored or deflated entries, sane sizes, ``data.db`` at the root."""
+    infos = archive.infolist()
+    if len(infos) > MAX_ENTRIES:
+        raise ArchiveError("the archive has too many entries")
+    plan = Plan()
+    seen: set[str] = set()
+    manifest_info = None
+    for info in infos:
+        path = _entry_path(info)
+        key = str(path)
+        if key in seen:
+            raise ArchiveError(f"the archive has a duplicate entry {key!r}")
+        seen.add(key)
+        if info.flag_bits & 0x1:
+            raise ArchiveError("the archive is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ArchiveError(f"the archive entry {key!r} uses an unsupported compression method")
+        if info.is_dir():
+            continue
+        if info.file_size > RATIO_MIN_SIZE and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            raise ArchiveError(f"the archive entry {key!r} has an implausible compression ratio")
+        if key == MANIFEST:
+            manifest_info = info
+            continue
+        if is_excluded(path):
+            continue  # never restored: backups, temp and dot entries, WAL files
+        plan.entries.append((info, path))
+        plan.total_size += info.file_size
+    if not any(str(path) == "data.db" for _, path in plan.entries):
+        raise ArchiveError("the archive has no data.db at its root")
+    if manifest_info is not None:
+        if manifest_info.file_size > 64 << 20:
+            raise ArchiveError("the archive manifest is too large")
+        try:
+            manifest = json.loads(archive.read(manifest_info))
+            files = manifest["files"]
+            assert isinstance(files, dict)
+            for name, entry in files.items():
+                assert isinstance(name, str) and isinstance(entry["size"], int) and isinstance(entry["sha256"], str)
+        except Exception as exc:
+            raise ArchiveError("the archive manifest is not readable") from exc
+        plan.manifest = manifest
+    return plan
+
+
+def check_upload(path: Path) -> None:
+    """An uploaded file must be a readable zip with a sound structure and ``data.db`` at its root."""
+    with open_zip(path) as archive:
+        try:
+            plan_archive(archive)
+        except ArchiveError:
+            raise
+        except Exception as exc:
+            raise ArchiveError("the file is not a readable zip archive") from exc
+
+
+def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
+            cancel: threading.Event | None = None) -> dict[str, Any] | None:
+    """Extract a backup into the empty directory ``target`` and verify it.
+
+    Verification: the structure (``plan_archive``), the actual size of every entry against its
+    declared size, the manifest's size and SHA-256 of every file (when there is a manifest), and
+    ``PRAGMA integrity_check`` of the databases. Raises ``ArchiveError`` with the reason; the
+    caller removes ``target`` then. Returns the manifest (``None`` for an archive without one).
+    """
+    cancel = cancel or threading.Event()
+    target.mkdir(parents=True, exist_ok=False)
+    os.chmod(target, 0o700)
+    with open_zip(zip_path) as archive:
+        try:
+            plan = plan_archive(archive)
+        except ArchiveError:
+            raise
+        except Exception as exc:
+            raise ArchiveError("the file is not a readable zip archive") from exc
+        free = shutil.disk_usage(target).free
+        if plan.total_size > free - DISK_MARGIN:
+            raise ArchiveError("not enough free disk space to extract the backup")
+        expected = plan.manifest["files"] if plan.manifest is not None else None
+        if expected is not None:
+            names = {str(path) for _, path in plan.entries}
+            missing = sorted(set(expected) - names)
+            if missing:
+                raise ArchiveError(f"the archive lacks {missing[0]!r}, listed in its manifest")
+            unlisted = sorted(names - set(expected))
+            if unlisted:
+                raise ArchiveError(f"the archive entry {unlisted[0]!r} is not in its manifest")
+        for info, path in plan.entries:
+            size, digest = _extract_entry(archive, info, target / Path(*path.parts), progress, cancel)
+            if expected is not None:
+                want = expected[str(path)]
+                if want["size"] != size or want["sha256"] != digest:
+                    raise ArchiveError(f"the checksum of {str(path)!r} does not match the manifest")
+    for name in DATABASES:
+        database = target / name
+        if database.exists():
+            check_database(database, name)
+    return plan.manifest
+
+
+def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, progress: Progress,
+                   cancel: threading.Event) -> tuple[int, str]:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise ArchiveError(f"the archive has a duplicate entry {info.filename!r}") from None
+    try:
+        with os.fdopen(fd, "wb") as out, archive.open(info) as entry:
+            while chunk := entry.read(CHUNK):
+                if cancel.is_set():
+                    raise Cancelled()
+                size += len(chunk)
+                if size > info.file_size:
+                    raise ArchiveError(f"the archive entry {info.filename!r} is larger than it declares")
+                out.write(chunk)
+                digest.update(chunk)
+                progress(len(chunk))
+    except ArchiveError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        raise ArchiveError(f"the archive entry {info.filename!r} is damaged") from exc
+    if size != info.file_size:
+        raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
+    return size, digest.hexdigest()
+
+
+def check_database(path: Path, name: str) -> None:
+    """``PRAGMA integrity_check`` must answer ``ok``."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)
+        try:
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise ArchiveError(f"{name} is not a valid SQLite database") from exc
+    if [tuple(row) for row in rows] != [("ok",)]:
+        raise ArchiveError(f"{name} failed its integrity check")
+

@@ -1,0 +1,405 @@
+"""The backup manager: one job at a time (create, upload or restore), whoever asks for it.
+
+The HTTP API, the scheduler and the CLI all go through one ``BackupManager``. It owns the
+single-flight lock, runs the work in a background task with the blocking parts in worker threads,
+reports progress (``status``) and the outcome of the last job, and never lets a failed or
+interrupted job leave a backup in the list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import re
+import shutil
+import threading
+import zipfile
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..database import Database
+from ..datadir import DataDir
+from ..errors import ApiError, BadRequest, NotFound, ValidationError, field_error
+from ..logs import LogWriter
+from ..settings import Settings
+from ..storage import FileInfo, InvalidKey, Storage, StorageError, StoredFileExists, StoredFileMissing
+from ..storage.local import LocalStorage
+from ..tools.security import random_string
+from ..tools.times import format_datetime
+from . import archive
+from .restore import Outcome
+
+logger = logging.getLogger("server.backups")
+
+NAME_RE = re.compile(r"^[a-z0-9_-]+\.zip$")
+MAX_NAME_LENGTH = 150
+BUSY_MESSAGE = "Try again later - another backup/restore process has already been started."
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+class Busy(BadRequest):
+    default_message = BUSY_MESSAGE
+
+
+class InsufficientStorage(ApiError):
+    status = 507
+    default_message = "Not enough free disk space to complete the operation."
+
+
+def slug(name: str) -> str:
+    """The app name in snake_case, as in PocketBase's backup names (at most 50 characters)."""
+    text = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    text = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return text[:50].strip("_") or "pb"
+
+
+def auto_name(app_name: str, prefix: str = "") -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    return f"{prefix}pb_backup_{slug(app_name)}_{stamp}.zip"
+
+
+def name_errors(name: str) -> dict[str, str] | None:
+    if not 1 <= len(name) <= MAX_NAME_LENGTH:
+        return field_error("validation_length_out_of_range", f"The length must be between 1 and {MAX_NAME_LENGTH}.")
+    if not NAME_RE.match(name):
+        return field_error("validation_match_invalid", "Must be in a valid format.")
+    return None
+
+
+def describe_error(exc: BaseException) -> str:
+    """A reason safe to show a client: our own messages, or the OS error without its path."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{name}: {problem.get('message', '')}" for name, problem in exc.data.items()
+                         if isinstance(problem, dict)) or exc.message
+    if isinstance(exc, (archive.ArchiveError, StorageError, ApiError)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return "not enough disk space"
+        return exc.strerror or type(exc).__name__
+    if isinstance(exc, asyncio.CancelledError):
+        return "the job was interrupted"
+    return type(exc).__name__
+
+
+@dataclass
+class Job:
+    op: str
+    key: str
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    bytes_done: int = 0
+    bytes_total: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def advance(self, count: int) -> None:
+        self.bytes_done += count  # from a worker thread; a plain int update is safe enough here
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "key": self.key, "startedAt": format_datetime(self.started_at),
+                "bytesDone": self.bytes_done, "bytesTotal": self.bytes_total}
+
+
+@dataclass
+class RestoreReady:
+    """A verified backup extracted to ``new_dir``, waiting for the server to swap it in."""
+
+    key: str
+    new_dir: Path
+    started_at: str
+
+
+class BackupManager:
+    def __init__(self, datadir: DataDir, db: Database, aux_db: Database, settings: Settings, logs: LogWriter) -> None:
+        self.datadir = datadir
+        self.db = db
+        self.aux_db = aux_db
+        self.settings = settings
+        self.logs = logs
+        self.active: Job | None = None
+        self.last: dict[str, Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Set by the server: called with a verified restore, it stops serving, swaps, re-execs.
+        self.on_restore_ready: Callable[[RestoreReady], Awaitable[None]] | None = None
+
+    # --- storage ---------------------------------------------------------------------------
+
+    def storage(self) -> Storage:
+        return LocalStorage(self.datadir.backups, self.datadir.temp)
+
+    # --- status ----------------------------------------------------------------------------
+
+    @property
+    def can_backup(self) -> bool:
+        return self.active is None
+
+    def status(self) -> dict[str, Any]:
+        return {"active": self.active.to_json() if self.active else None, "last": self.last,
+                "storage": self.storage().describe()}
+
+    def record_restore_outcome(self, outcome: Outcome) -> None:
+        self.last = {"op": "restore", "key": outcome.key, "ok": outcome.ok, "error": outcome.error,
+                     "startedAt": outcome.started_at, "finishedAt": format_datetime(datetime.now(timezone.utc))}
+        if outcome.ok:
+            self.logs.info("Backup restored", key=outcome.key)
+        else:
+            self.logs.error("Backup restore failed", key=outcome.key, error=outcome.error or "")
+
+    # --- the lock --------------------------------------------------------------------------
+
+    def _acquire(self, op: str, key: str) -> Job:
+        if self.active is not None:
+            raise Busy()
+        self.active = Job(op, key)
+        return self.active
+
+    def _release(self, job: Job, error: BaseException | None) -> None:
+        self.last = {"op": job.op, "key": job.key, "ok": error is None,
+                     "error": None if error is None else describe_error(error),
+                     "startedAt": format_datetime(job.started_at),
+                     "finishedAt": format_datetime(datetime.now(timezone.utc))}
+        if error is not None:
+            logger.error("backup %s of %s failed: %s", job.op, job.key, self.last["error"])
+            self.logs.error(f"Backup {job.op} failed", key=job.key, error=self.last["error"])
+        if self.active is job:
+            self.active = None
+
+    def _spawn(self, job: Job, work: Awaitable[bool | None]) -> None:
+        async def run() -> None:
+            error: BaseException | None = None
+            handed_over = False
+            try:
+                handed_over = bool(await work)
+            except asyncio.CancelledError as exc:
+                error = exc
+            except Exception as exc:  # reported in status and the logs, never raised further
+                error = exc
+                logger.debug("backup job failed", exc_info=True)
+            finally:
+                if not handed_over:
+                    self._release(job, error)
+
+        self._task = asyncio.create_task(run(), name=f"backup-{job.op}")
+
+    async def wait(self) -> None:
+        """Wait for the running job (if any) to end."""
+        task = self._task
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def shutdown(self) -> None:
+        """Stop the running job (the server is stopping): its partial output is discarded."""
+        task = self._task
+        if task is None or task.done():
+            return
+        if self.active is not None:
+            self.active.cancel.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=30)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            task.cancel()
+
+    # --- list, delete, read ----------------------------------------------------------------
+
+    async def list(self) -> list[FileInfo]:
+        return await self.storage().list()
+
+    async def stat(self, key: str) -> FileInfo | None:
+        try:
+            return await self.storage().stat(key)
+        except InvalidKey:
+            return None
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        return self.storage().read(key, start, end)
+
+    async def delete(self, key: str) -> None:
+        if self.active is not None and self.active.key == key:
+            raise BadRequest("The backup is in use by a running backup or restore; try again later.")
+        try:
+            await self.storage().delete(key)
+        except (InvalidKey, StoredFileMissing):
+            raise NotFound() from None
+
+    # --- create ----------------------------------------------------------------------------
+
+    async def start_create(self, name: str | None = None, prefix: str = "") -> str:
+        """Validate, take the lock and start a backup in the background; returns its key."""
+        key, job = await self._begin_create(name, prefix)
+        self._spawn(job, self._create(job))
+        return key
+
+    async def create(self, name: str | None = None, prefix: str = "") -> str:
+        """A backup, awaited to its end (the scheduler and CLI); raises if it failed."""
+        key = await self.start_create(name, prefix)
+        await self.wait()
+        if self.last is None or self.last["key"] != key or not self.last["ok"]:
+            raise BadRequest(f"The backup failed: {self.last['error'] if self.last else 'unknown error'}")
+        return key
+
+    async def _begin_create(self, name: str | None, prefix: str) -> tuple[str, Job]:
+        if self.active is not None:
+            raise Busy()
+        if name:
+            problem = name_errors(name)
+            if problem is not None:
+                raise ValidationError({"name": problem})
+            key = name
+        else:
+            key = auto_name(self.settings.app_name, prefix)
+        if await self.storage().exists(key):
+            raise ValidationError({"name": field_error("validation_backup_name_exists",
+                                                       "The backup file name is invalid or already exists.")})
+        return key, self._acquire("create", key)
+
+    async def _create(self, job: Job) -> None:
+        storage = self.storage()
+        writer = await asyncio.to_thread(storage.open_write, job.key)
+        zipper: archive.ArchiveWriter | None = None
+        try:
+            zipper = await asyncio.to_thread(archive.ArchiveWriter, writer, job.advance, job.cancel)
+            async with AsyncExitStack() as snapshots:
+                data_db = await snapshots.enter_async_context(self.db.snapshot(self.datadir.temp))
+                aux_db = await snapshots.enter_async_context(self.aux_db.snapshot(self.datadir.temp))
+                files = await asyncio.to_thread(archive.collect_files, self.datadir.root)
+                databases = [archive.Source("data.db", data_db), archive.Source("auxiliary.db", aux_db)]
+                job.bytes_total = sum(await asyncio.to_thread(_sizes, databases + files))
+                for source in databases:
+                    await asyncio.to_thread(zipper.add, source)
+            # The databases are in; the snapshots are released so the WAL can be checkpointed again.
+            for source in files:
+                await asyncio.to_thread(zipper.add, source, True)
+            await asyncio.to_thread(zipper.finish, {"app": self.settings.app_name})
+            zipper = None
+            await asyncio.to_thread(writer.commit)
+        except BaseException:
+            if zipper is not None:
+                await asyncio.to_thread(zipper.close)
+            await asyncio.to_thread(writer.abort)
+            raise
+        self.logs.info("Backup created", key=job.key, size=writer.bytes_written)
+
+    # --- upload ----------------------------------------------------------------------------
+
+    async def upload(self, filename: str, chunks: AsyncIterable[bytes], declared_size: int | None = None) -> str:
+        """Store an uploaded backup: streamed to a temp file, checked, then published."""
+        problem = name_errors(filename)
+        if problem is not None:
+            raise ValidationError({"file": problem})
+        storage = self.storage()
+        if await storage.exists(filename):
+            raise _name_exists()
+        job = self._acquire("upload", filename)
+        job.bytes_total = declared_size or 0
+        temp = self.datadir.temp / f"upload_{random_string(12)}.zip"
+        error: BaseException | None = None
+        try:
+            await self._receive(job, chunks, temp)
+            head = await asyncio.to_thread(_read_head, temp)
+            if not head.startswith(ZIP_MAGIC):
+                raise ValidationError({"file": field_error(
+                    "validation_invalid_mime_type", f'"{filename}" mime type must be one of: application/zip.')})
+            try:
+                await asyncio.to_thread(archive.check_upload, temp)
+            except archive.ArchiveError as exc:
+                raise ValidationError({"file": field_error("validation_invalid_backup", f"Invalid backup: {exc}.")})
+            try:
+                await storage.put_file(filename, temp)
+            except StoredFileExists:
+                raise _name_exists() from None
+            self.logs.info("Backup uploaded", key=filename, size=job.bytes_done)
+            return filename
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise InsufficientStorage() from exc
+            raise
+        finally:
+            await asyncio.to_thread(temp.unlink, True)
+            self._release(job, error)
+
+    async def _receive(self, job: Job, chunks: AsyncIterable[bytes], temp: Path) -> None:
+        def open_temp() -> Any:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            return os.fdopen(fd, "wb")
+
+        handle = await asyncio.to_thread(open_temp)
+        try:
+            buffer = bytearray()
+            async for chunk in chunks:
+                buffer += chunk
+                job.advance(len(chunk))
+                if len(buffer) >= archive.CHUNK:
+                    data = bytes(buffer)
+                    buffer.clear()
+                    await asyncio.to_thread(handle.write, data)
+            if buffer:
+                await asyncio.to_thread(handle.write, bytes(buffer))
+        finally:
+            await asyncio.to_thread(handle.close)
+
+    # --- restore ---------------------------------------------------------------------------
+
+    async def start_restore(self, key: str) -> None:
+        """Check that ``key`` exists, take the lock and restore it in the background."""
+        if self.active is not None:
+            raise Busy()
+        if await self.stat(key) is None:
+            raise BadRequest("Missing or invalid backup file.")
+        if self.on_restore_ready is None:
+            raise BadRequest("A restore needs the running server; use the API.")
+        job = self._acquire("restore", key)
+        self._spawn(job, self._restore(job))
+
+    async def _restore(self, job: Job) -> bool:
+        storage = self.storage()
+        info = await storage.stat(job.key)
+        if info is None:
+            raise StoredFileMissing("the backup no longer exists")
+        job.bytes_total = info.size
+        work = self.datadir.temp / f"restore_{random_string(10)}"
+        target = work / "data"
+        try:
+            async with storage.local_copy(job.key, self.datadir.temp) as zip_path:
+                total = await asyncio.to_thread(_uncompressed_size, zip_path)
+                job.bytes_done, job.bytes_total = 0, total or info.size
+                await asyncio.to_thread(archive.extract, zip_path, target, job.advance, job.cancel)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+            raise
+        assert self.on_restore_ready is not None
+        await self.on_restore_ready(RestoreReady(job.key, target, format_datetime(job.started_at)))
+        return True  # the job now belongs to the restart: the lock stays taken until the re-exec
+
+
+def _name_exists() -> ValidationError:
+    return ValidationError({"file": field_error("validation_backup_name_exists",
+                                                "Backup file with the specified name already exists.")})
+
+
+def _sizes(sources: list[archive.Source]) -> list[int]:
+    sizes = []
+    for source in sources:
+        try:
+            sizes.append(source.path.stat().st_size)
+        except OSError:
+            sizes.append(0)
+    return sizes
+
+
+def _read_head(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(8)
+
+
+def _uncompressed_size(path: Path) -> int:
+    try:
+        with zipfile.ZipFile(path) as archive_file:
+            return sum(info.file_size for info in archive_file.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return 0

@@ -1,0 +1,162 @@
+"""Swapping a verified backup into ``pb_data``, and finishing or undoing that swap at the next start.
+
+The swap runs with every database closed, just before the process re-executes itself:
+
+1. ``journal.json`` in ``.pb_restore/`` records the plan (phase ``swapping``) and is fsynced.
+2. Every entry of ``pb_data`` except ``KEPT`` moves into ``.pb_restore/old/``; every entry of
+   the extracted backup moves into ``pb_data``. Each move is a rename in one file system.
+3. The journal says ``swapped``.
+
+At the next start (``recover``), before anything opens a database:
+
+- phase ``swapping`` (the process died mid-swap): undo it, the old data comes back;
+- phase ``swapped``: the caller tries to open the new data; ``commit`` deletes the old data if it
+  did, ``rollback`` puts the old data back if it did not.
+
+So the data directory always ends up holding either the complete old data or the complete new
+data, and the old data is deleted only after the new data has booted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import faults
+from ..tools.security import random_string
+
+logger = logging.getLogger("server.backups")
+
+WORK_DIR = ".pb_restore"
+# Entries of pb_data that a restore leaves where they are.
+KEPT = frozenset({"backups", ".pb_temp_to_delete", WORK_DIR, ".pb_backup.lock"})
+
+
+@dataclass
+class Outcome:
+    """How a restore ended, as learnt at start-up."""
+
+    key: str
+    started_at: str
+    ok: bool
+    error: str | None = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_journal(root: Path, journal: dict[str, Any]) -> None:
+    work = root / WORK_DIR
+    temp = work / "journal.json.tmp"
+    with open(temp, "w") as handle:
+        json.dump(journal, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, work / "journal.json")
+    _fsync_dir(work)
+
+
+def read_journal(root: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((root / WORK_DIR / "journal.json").read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        # A journal cut short: written before any move (it is replaced atomically), so nothing moved.
+        return {"phase": "swapping", "old": [], "new": [], "key": "", "startedAt": ""}
+
+
+def swap_in(root: Path, new_dir: Path, key: str, started_at: str) -> None:
+    """Move the current data aside and the extracted backup ``new_dir`` in (databases closed)."""
+    work = root / WORK_DIR
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "old").mkdir(parents=True)
+    os.chmod(work, 0o700)
+    old = sorted(name for name in os.listdir(root) if name not in KEPT)
+    new = sorted(name for name in os.listdir(new_dir) if name not in KEPT)
+    journal = {"phase": "swapping", "key": key, "startedAt": started_at, "old": old, "new": new,
+               "newDir": str(new_dir)}
+    _write_journal(root, journal)
+    faults.point("restore-before-swap")
+    for index, name in enumerate(old):
+        os.rename(root / name, work / "old" / name)
+        if index == 0:
+            faults.point("restore-mid-swap")
+    for name in new:
+        os.rename(new_dir / name, root / name)
+    _fsync_dir(root)
+    _fsync_dir(work / "old")
+    journal["phase"] = "swapped"
+    _write_journal(root, journal)
+    faults.point("restore-after-swap")
+
+
+def _undo(root: Path, journal: dict[str, Any]) -> None:
+    """Put the old data back: the new entries go to a trash directory, the old ones return."""
+    work = root / WORK_DIR
+    trash = work / f"failed_{random_string(8)}"
+    trash.mkdir()
+    old_names = set(journal.get("old", []))
+    for name in journal.get("new", []):
+        if (root / name).exists() or (root / name).is_symlink():
+            # A new entry with the name of an old one that never moved out is the old one itself.
+            if name in old_names and not (work / "old" / name).exists():
+                continue
+            os.rename(root / name, trash / name)
+    for name in journal.get("old", []):
+        if (work / "old" / name).exists():
+            if (root / name).exists():
+                os.rename(root / name, trash / (name + ".dup"))
+            os.rename(work / "old" / name, root / name)
+    _fsync_dir(root)
+
+
+def _finish(root: Path) -> None:
+    """Forget the journal, then delete what was set aside."""
+    work = root / WORK_DIR
+    (work / "journal.json").unlink(missing_ok=True)
+    _fsync_dir(work)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def interrupted(root: Path) -> Outcome | None:
+    """Undo a swap that a crash cut short (phase ``swapping``); ``None`` if there was none."""
+    journal = read_journal(root)
+    if journal is None or journal.get("phase") != "swapping":
+        return None
+    logger.warning("a restore was interrupted during the swap: putting the previous data back")
+    _undo(root, journal)
+    _finish(root)
+    return Outcome(journal.get("key", ""), journal.get("startedAt", ""), False,
+                   "the restore was interrupted while swapping the data; the previous data was kept")
+
+
+def pending(root: Path) -> dict[str, Any] | None:
+    """The journal of a swap that completed and awaits its first boot."""
+    journal = read_journal(root)
+    return journal if journal is not None and journal.get("phase") == "swapped" else None
+
+
+def commit(root: Path, journal: dict[str, Any]) -> Outcome:
+    faults.point("restore-before-commit")
+    _finish(root)
+    return Outcome(journal.get("key", ""), journal.get("startedAt", ""), True)
+
+
+def rollback(root: Path, journal: dict[str, Any], reason: str) -> Outcome:
+    logger.error("the restored data did not start (%s): putting the previous data back", reason)
+    _undo(root, journal)
+    _finish(root)
+    return Outcome(journal.get("key", ""), journal.get("startedAt", ""), False,
+                   f"the restored data did not start ({reason}); the previous data was kept")

@@ -1,0 +1,139 @@
+"""The storage interface shared by the local and S3 implementations."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import re
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+CHUNK_SIZE = 1 << 20
+MAX_KEY_LENGTH = 255
+# Flat names only: no separators, no NUL or control characters, no leading dot (our temp and
+# status files), so a key can never name a path outside the store or one of its working files.
+_KEY_RE = re.compile(r"^[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]*$")
+
+
+class StorageError(Exception):
+    """A storage failure whose message is safe to show (no paths, no secrets)."""
+
+
+class InvalidKey(StorageError):
+    pass
+
+
+class StoredFileMissing(StorageError):
+    pass
+
+
+class StoredFileExists(StorageError):
+    pass
+
+
+def check_key(key: str) -> str:
+    if not key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_LENGTH or not _KEY_RE.match(key) or key in (".", ".."):
+        raise InvalidKey("invalid key")
+    return key
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    key: str
+    size: int
+    modified: datetime  # timezone-aware, UTC
+
+
+class Writer(abc.ABC):
+    """A write-only file-like object whose content is published under a key only on ``commit``.
+
+    Its methods block: use it from a worker thread.
+    """
+
+    bytes_written = 0
+
+    @abc.abstractmethod
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
+
+    def tell(self) -> int:
+        return self.bytes_written
+
+    def flush(self) -> None:
+        pass
+
+    @abc.abstractmethod
+    def commit(self) -> FileInfo:
+        """Publish what was written (fails with ``StoredFileExists`` if the key was taken since)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop what was written; nothing is published. Safe to call more than once."""
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class Storage(abc.ABC):
+    kind: str = ""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str = "") -> list[FileInfo]:
+        """Every stored file whose key starts with ``prefix``, sorted by key."""
+
+    @abc.abstractmethod
+    async def stat(self, key: str) -> FileInfo | None: ...
+
+    async def exists(self, key: str) -> bool:
+        return await self.stat(key) is not None
+
+    @abc.abstractmethod
+    def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes ``[start, end)`` of ``key`` in chunks (``StoredFileMissing`` if absent)."""
+
+    @abc.abstractmethod
+    def open_write(self, key: str) -> Writer:
+        """A writer for ``key`` (blocking calls: use it in a worker thread)."""
+
+    async def write(self, key: str, chunks: AsyncIterable[bytes]) -> FileInfo:
+        writer = await asyncio.to_thread(self.open_write, key)
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(writer.write, chunk)
+            return await asyncio.to_thread(writer.commit)
+        except BaseException:
+            await asyncio.to_thread(writer.abort)
+            raise
+
+    async def put_file(self, key: str, path: Path) -> FileInfo:
+        """Publish the local file ``path`` under ``key``; the file is consumed (moved or deleted)."""
+
+        def copy() -> FileInfo:
+            with self.open_write(key) as writer, open(path, "rb") as source:
+                while chunk := source.read(CHUNK_SIZE):
+                    writer.write(chunk)
+                info = writer.commit()
+            path.unlink(missing_ok=True)
+            return info
+
+        return await asyncio.to_thread(copy)
+
+    @abc.abstractmethod
+    def local_copy(self, key: str, temp_dir: Path) -> AbstractAsyncContextManager[Path]:
+        """A local file with the bytes of ``key`` (the file itself where it is local, else a copy
+        in ``temp_dir`` that is removed when the context ends)."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; ``StoredFileMissing`` if it is not there."""
+
+    def describe(self) -> dict[str, Any]:
+        """What a client may know of this storage (never a secret)."""
+        return {"kind": self.kind}
