@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "PB_FAULTS"
 
@@ -27,3 +28,19 @@ def raise_point(name: str) -> None:
     armed = os.environ.get(ENV)
     if armed and "raise:" + name in armed.split(","):
         raise InjectedFault(f"injected fault at {name}")
+
+
+GATE_ENV = "PB_FAULTS_GATE"
+
+
+def gate(name: str) -> None:
+    """With ``gate:<name>`` armed, wait here while the file named by ``PB_FAULTS_GATE`` exists.
+
+    Lets a test hold a job at a known step, act, then release it by deleting the file. Blocking:
+    only reached from worker threads."""
+    armed = os.environ.get(ENV)
+    if not armed or "gate:" + name not in armed.split(","):
+        return
+    path = os.environ.get(GATE_ENV, "")
+    while path and os.path.exists(path):
+        time.sleep(0.01)

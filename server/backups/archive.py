@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from .. import faults
 from ..tools.times import now
 
 MANIFEST = "pb_backup_manifest.json"
@@ -103,6 +104,7 @@ class ArchiveWriter:
 
     def add(self, source: Source, missing_ok: bool = False) -> None:
         """Add one file; with ``missing_ok`` a file deleted meanwhile is left out."""
+        faults.gate("backup-write")
         try:
             handle = open(source.path, "rb")
         except FileNotFoundError:
@@ -154,8 +156,9 @@ def _entry_path(info: zipfile.ZipInfo) -> PurePosixPath:
     path = PurePosixPath(name)
     if any(part in ("..", ".") for part in path.parts) or not path.parts:
         raise ArchiveError(f"the archive has an unsafe entry name {name!r}")
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+    # Unix-made zips keep the file type in the high bits of external_attr (0 there: unspecified).
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
         raise ArchiveError(f"the archive has a link or special file entry {name!r}")
     return path
 
@@ -266,6 +269,7 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
             if unlisted:
                 raise ArchiveError(f"the archive entry {unlisted[0]!r} is not in its manifest")
         for info, path in plan.entries:
+            faults.gate("restore-extract")
             size, digest = _extract_entry(archive, info, target / Path(*path.parts), progress, cancel)
             if expected is not None:
                 want = expected[str(path)]
