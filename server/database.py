@@ -124,6 +124,9 @@ class Database:
         try:
             pinned = False
             for _ in range(_PIN_ATTEMPTS):
+                # Copy most of the WAL into the main file first, with writers running, so that the
+                # checkpoint done while they wait has only the last few frames left to copy.
+                await asyncio.to_thread(_passive_checkpoint, conn)
                 async with self._write_lock:
                     pinned = await asyncio.to_thread(_pin_main_file, conn, self.path)
                 if pinned:
@@ -142,13 +145,19 @@ class Database:
                 copy.unlink(missing_ok=True)
 
 
-_PIN_ATTEMPTS = 20
+_PIN_ATTEMPTS = 40
 
 
 def _snapshot_connection(path: Path) -> sqlite3.Connection:
     # A short busy timeout: the checkpoint runs while our writers wait, so it must not linger.
-    conn = sqlite3.connect(path, timeout=0.2, isolation_level=None, check_same_thread=False)
-    return conn
+    return sqlite3.connect(path, timeout=0.03, isolation_level=None, check_same_thread=False)
+
+
+def _passive_checkpoint(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.OperationalError:
+        pass
 
 
 def _pin_main_file(conn: sqlite3.Connection, path: Path) -> bool:
