@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import faults
+from ..tools.fsync import fsync_dir
 from ..tools.security import random_string
 
 logger = logging.getLogger("server.backups")
@@ -47,13 +48,6 @@ class Outcome:
     error: str | None = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_journal(root: Path, journal: dict[str, Any]) -> None:
     work = root / WORK_DIR
@@ -63,7 +57,7 @@ def _write_journal(root: Path, journal: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, work / "journal.json")
-    _fsync_dir(work)
+    fsync_dir(work)
 
 
 def read_journal(root: Path) -> dict[str, Any] | None:
@@ -95,8 +89,8 @@ def swap_in(root: Path, new_dir: Path, key: str, started_at: str) -> None:
             faults.point("restore-mid-swap")
     for name in new:
         os.rename(new_dir / name, root / name)
-    _fsync_dir(root)
-    _fsync_dir(work / "old")
+    fsync_dir(root)
+    fsync_dir(work / "old")
     journal["phase"] = "swapped"
     _write_journal(root, journal)
     faults.point("restore-after-swap")
@@ -119,14 +113,14 @@ def _undo(root: Path, journal: dict[str, Any]) -> None:
             if (root / name).exists():
                 os.rename(root / name, trash / (name + ".dup"))
             os.rename(work / "old" / name, root / name)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _finish(root: Path) -> None:
     """Forget the journal, then delete what was set aside."""
     work = root / WORK_DIR
     (work / "journal.json").unlink(missing_ok=True)
-    _fsync_dir(work)
+    fsync_dir(work)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..tools.fsync import fsync_dir
 from ..tools.security import random_string
 from .base import CHUNK_SIZE, FileInfo, Storage, StorageError, StoredFileExists, StoredFileMissing, Writer, check_key
 
@@ -22,13 +23,6 @@ DIR_MODE = 0o700
 def _info(key: str, st: os.stat_result) -> FileInfo:
     return FileInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _publish(source: Path, target: Path) -> None:
@@ -45,7 +39,7 @@ def _publish(source: Path, target: Path) -> None:
         os.replace(source, target)
     else:
         source.unlink()
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _open_regular(path: Path) -> BinaryIO:
