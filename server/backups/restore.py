@@ -48,7 +48,6 @@ class Outcome:
     error: str | None = None
 
 
-
 def _write_journal(root: Path, journal: dict[str, Any]) -> None:
     work = root / WORK_DIR
     temp = work / "journal.json.tmp"
