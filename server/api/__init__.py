@@ -52,7 +52,7 @@ def routes() -> list[Route]:
         Route("/api/backups/upload", backups.upload_backup, methods=["POST"]),
         Route("/api/backups/{key}", backups.download_backup, methods=["GET", "HEAD"]),
         Route("/api/backups/{key}", backups.delete_backup, methods=["DELETE"]),
-        Route("/api/backups/{key}/restore", backups.restore_backup, methods=["POST"]),
+        Route("/api/backups/{key:path}/restore", backups.restore_backup, methods=["POST"]),
     ]
 
 

@@ -36,9 +36,9 @@ async def status(request: Request) -> Response:
 async def create_backup(request: Request) -> Response:
     await require_superuser(request)
     body = await read_json(request)
-    name = body.get("name", "")
+    name = body.get("name") or ""
     if not isinstance(name, str):
-        raise ValidationError({"name": field_error("validation_invalid_value", "Must be a string.")})
+        raise BadRequest("An error occurred while loading the submitted data.")
     await get_app(request).backups.start_create(name or None)
     return no_content()
 
@@ -80,8 +80,10 @@ async def download_backup(request: Request) -> Response:
     if wanted:
         parsed = _parse_range(wanted, info.size)
         if parsed is None:
-            headers["content-range"] = f"bytes */{info.size}"
-            return Response("invalid range: failed to overlap\n", status_code=416, headers=headers,
+            unsatisfiable = {"content-range": f"bytes */{info.size}",
+                             "content-disposition": headers["content-disposition"],
+                             "content-security-policy": headers["content-security-policy"]}
+            return Response("invalid range: failed to overlap\n", status_code=416, headers=unsatisfiable,
                             media_type="text/plain; charset=utf-8")
         start, end = parsed
         status_code = 206

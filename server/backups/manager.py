@@ -26,12 +26,13 @@ from typing import Any
 from ..database import Database
 from ..datadir import DataDir
 from ..errors import ApiError, BadRequest, NotFound, ValidationError, field_error
-from ..logs import LogWriter
+from ..logs import WARN, LogWriter
 from ..settings import Settings
 from ..storage import FileInfo, InvalidKey, Storage, StorageError, StoredFileExists, StoredFileMissing
 from ..storage.local import LocalStorage
 from ..tools.security import random_string
 from ..tools.times import format_datetime
+from ..values import error
 from . import archive
 from .restore import Outcome
 
@@ -64,11 +65,12 @@ def auto_name(app_name: str, prefix: str = "") -> str:
     return f"{prefix}pb_backup_{slug(app_name)}_{stamp}.zip"
 
 
-def name_errors(name: str) -> dict[str, str] | None:
+def name_errors(name: str) -> dict[str, Any] | None:
     if not 1 <= len(name) <= MAX_NAME_LENGTH:
-        return field_error("validation_length_out_of_range", f"The length must be between 1 and {MAX_NAME_LENGTH}.")
+        return error("validation_length_out_of_range", f"The length must be between 1 and {MAX_NAME_LENGTH}.",
+                     min=1, max=MAX_NAME_LENGTH)
     if not NAME_RE.match(name):
-        return field_error("validation_match_invalid", "Must be in a valid format.")
+        return error("validation_match_invalid", "Must be in a valid format.")
     return None
 
 
@@ -163,7 +165,10 @@ class BackupManager:
                      "error": None if error is None else describe_error(error),
                      "startedAt": format_datetime(job.started_at),
                      "finishedAt": format_datetime(datetime.now(timezone.utc))}
-        if error is not None:
+        if isinstance(error, ApiError) and error.status < 500:
+            # Refused input (an upload that is not a backup): the client was told; a warning here.
+            self.logs.add(WARN, f"Backup {job.op} refused", {"key": job.key, "error": self.last["error"]})
+        elif error is not None:
             logger.error("backup %s of %s failed: %s", job.op, job.key, self.last["error"])
             self.logs.error(f"Backup {job.op} failed", key=job.key, error=self.last["error"])
         if self.active is job:
@@ -245,16 +250,21 @@ class BackupManager:
     async def _begin_create(self, name: str | None, prefix: str) -> tuple[str, Job]:
         if self.active is not None:
             raise Busy()
+        storage = self.storage()
         if name:
             problem = name_errors(name)
             if problem is not None:
                 raise ValidationError({"name": problem})
             key = name
+            if await storage.exists(key):
+                raise ValidationError({"name": field_error("validation_backup_name_exists",
+                                                           "The backup file name is invalid or already exists.")})
         else:
+            # ours: a second backup within the same second gets a suffix; PocketBase overwrites the first.
             key = auto_name(self.settings.app_name, prefix)
-        if await self.storage().exists(key):
-            raise ValidationError({"name": field_error("validation_backup_name_exists",
-                                                       "The backup file name is invalid or already exists.")})
+            stem, counter = key[:-len(".zip")], 2
+            while await storage.exists(key):
+                key, counter = f"{stem}_{counter}.zip", counter + 1
         return key, self._acquire("create", key)
 
     async def _create(self, job: Job) -> None:

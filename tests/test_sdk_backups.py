@@ -1,0 +1,116 @@
+"""The official JS SDK (npm `pocketbase`) drives the whole backup flow against our server:
+create (followed to its end through ``/api/backups/status``), list, download with a file token,
+upload, restore (the server swaps the data and re-executes itself: same PID, same socket), delete,
+and the error answers the SDK reports. Runs ```tests/e2e/sdk_backups.mjs`` on a server of its own; a second run restores a damaged backup,
+which must fail with its reason in the status and leave the data (and the process) as they were."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, ServerProcess, dumps
+
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def run_script(url: str, *extra: str) -> dict[str, Any]:
+    result = subprocess.run(
+        ["node", "sdk_backups.mjs", url, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, *extra],
+        cwd=E2E, capture_output=True, text=True, timeout=90,
+    )
+    assert result.returncode == 0, f"sdk_backups.mjs failed:\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+VALIDATION_MESSAGE = "An error occurred while validating the submitted data."
+
+EXPECTED: dict[str, Any] = {
+    "auth": {"isSuperuser": True},
+    "create": {"returned": True, "last": {"op": "create", "key": "sdk_one.zip", "ok": True, "error": None}},
+    "list": {"keys": ["sdk_one.zip"], "sizeIsPositiveInt": True, "modifiedFormat": True},
+    "download": {
+        "urlHasToken": True,
+        "status": 200,
+        "contentType": "application/zip",
+        "contentDisposition": 'attachment; filename="sdk_one.zip"',
+        "sizeMatchesList": True,
+        "startsWithZipMagic": True,
+        "hasDataDb": True,
+        "hasAuxiliaryDb": True,
+    },
+    "upload": {"returned": True, "keys": ["sdk_one.zip", "sdk_two.zip"], "sizeMatches": True},
+    "beforeRestore": ["five", "four", "one, edited", "three"],
+    "restore": {
+        "returned": True,
+        "last": {"op": "restore", "key": "sdk_one.zip", "ok": True, "error": None},
+        "errorStatusesWhileWaiting": [],
+        "connectionFailuresAreFew": True,
+    },
+    "afterRestore": {
+        "titles": ["one", "three", "two"],
+        "sameRecordsAsAtBackupTime": True,
+        "backups": ["sdk_one.zip", "sdk_two.zip"],
+        "health": {"code": 200, "canBackup": True},
+    },
+    "delete": {"returned": True, "keys": ["sdk_one.zip"]},
+    "errors": {
+        "createBadName": {"status": 400, "message": VALIDATION_MESSAGE, "data": {
+            "name": {"code": "validation_match_invalid", "message": "Must be in a valid format."}}},
+        "createExisting": {"status": 400, "message": VALIDATION_MESSAGE, "data": {
+            "name": {"code": "validation_backup_name_exists",
+                     "message": "The backup file name is invalid or already exists."}}},
+        "restoreMissing": {"status": 400, "message": "Missing or invalid backup file.", "data": {}},
+        # ours: PocketBase says 400 (CONTRACT.md, Backups)
+        "deleteMissing": {"status": 404, "message": "The requested resource wasn't found.", "data": {}},
+        "uploadNotAZip": {"status": 400, "message": VALIDATION_MESSAGE, "data": {
+            "file": {"code": "validation_invalid_mime_type",
+                     "message": '"not_a_zip.zip" mime type must be one of: application/zip.'}}},
+        "listAsGuest": {"status": 401, "message": "The request requires valid record authorization token.",
+                        "data": {}},
+        "downloadWithAuthToken": {"status": 403, "message": "Insufficient permissions to access the resource."},
+    },
+}
+
+
+def test_sdk_backup_create_download_upload_restore_delete(fresh_server: ServerProcess) -> None:
+    assert fresh_server.process is not None
+    pid = fresh_server.process.pid
+    result = run_script(fresh_server.url)
+    print("info:", result.pop("info", None))
+    assert result == EXPECTED, f"got:\n{dumps(result)}\nexpected:\n{dumps(EXPECTED)}"
+    # The restore re-executed the process in place: same PID, still running, started twice.
+    assert fresh_server.process.pid == pid
+    assert fresh_server.process.poll() is None, fresh_server.output()
+    assert fresh_server.output().count("Server started at") == 2, fresh_server.output()
+    # The swap cleaned up after itself: no old data kept, no extracted copy left.
+    assert not (fresh_server.data_dir / ".pb_restore").exists()
+    temp = fresh_server.data_dir / ".pb_temp_to_delete"
+    assert (list(temp.iterdir()) if temp.exists() else []) == []
+
+
+def test_sdk_restore_of_a_damaged_backup_fails_and_keeps_the_data(fresh_server: ServerProcess, tmp_path: Path) -> None:
+    assert fresh_server.process is not None
+    pid = fresh_server.process.pid
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(damaged, "w") as archive:  # the structure of a backup, but data.db is no database
+        archive.writestr("data.db", b"this is not an SQLite database " * 64)
+        archive.writestr("auxiliary.db", b"")
+    result = run_script(fresh_server.url, "--bad-restore", str(damaged))
+    expected = {
+        "upload": {"returned": True, "keys": ["sdk_bad.zip"]},
+        "restore": {"returned": True, "last": {"op": "restore", "key": "sdk_bad.zip", "ok": False,
+                                               "error": "data.db is not a valid SQLite database"}},
+        "after": {"titles": ["kept"], "backups": ["sdk_bad.zip"], "authStillValid": True,
+                  "health": {"code": 200, "canBackup": True}},
+    }
+    assert result == expected, f"got:\n{dumps(result)}\nexpected:\n{dumps(expected)}"
+    # Refused before the swap: no re-exec, nothing left behind.
+    assert fresh_server.process.pid == pid and fresh_server.process.poll() is None
+    assert fresh_server.output().count("Server started at") == 1, fresh_server.output()
+    assert not (fresh_server.data_dir / ".pb_restore").exists()
+    temp = fresh_server.data_dir / ".pb_temp_to_delete"
+    assert (list(temp.iterdir()) if temp.exists() else []) == []
