@@ -18,6 +18,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -284,13 +285,16 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
 
 def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, progress: Progress,
                    cancel: threading.Event) -> tuple[int, str]:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ArchiveError(f"the archive entry {info.filename!r} conflicts with another entry") from None
     digest = hashlib.sha256()
     size = 0
     try:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        raise ArchiveError(f"the archive has a duplicate entry {info.filename!r}") from None
+    except (FileExistsError, IsADirectoryError, NotADirectoryError):
+        raise ArchiveError(f"the archive entry {info.filename!r} conflicts with another entry") from None
     try:
         with os.fdopen(fd, "wb") as out, archive.open(info) as entry:
             while chunk := entry.read(CHUNK):
@@ -314,7 +318,7 @@ def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, 
 def check_database(path: Path, name: str) -> None:
     """``PRAGMA integrity_check`` must answer ``ok``."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=rw", uri=True, isolation_level=None)
         try:
             rows = conn.execute("PRAGMA integrity_check").fetchall()
         finally:

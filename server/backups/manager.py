@@ -69,7 +69,7 @@ def name_errors(name: str) -> dict[str, Any] | None:
     if not 1 <= len(name) <= MAX_NAME_LENGTH:
         return error("validation_length_out_of_range", f"The length must be between 1 and {MAX_NAME_LENGTH}.",
                      min=1, max=MAX_NAME_LENGTH)
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         return error("validation_match_invalid", "Must be in a valid format.")
     return None
 

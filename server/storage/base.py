@@ -36,7 +36,7 @@ class StoredFileExists(StorageError):
 
 
 def check_key(key: str) -> str:
-    if not key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_LENGTH or not _KEY_RE.match(key) or key in (".", ".."):
+    if not key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_LENGTH or not _KEY_RE.fullmatch(key) or key in (".", ".."):
         raise InvalidKey("invalid key")
     return key
 
