@@ -5,7 +5,6 @@ taken under concurrent writes is consistent, and a restore that cannot boot is r
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil

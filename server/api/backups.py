@@ -11,14 +11,10 @@ from starlette.responses import Response, StreamingResponse
 from ..errors import BadRequest, Forbidden, NotFound, ValidationError, field_error
 from ..tools.multipart import MultipartError, file_part
 from ..tools.times import format_datetime
+from .files import FILE_HEADERS
 from .common import get_app, json_response, no_content, read_json, require_superuser
 from .limits import BODY_LIMIT_KEY
 
-_DOWNLOAD_HEADERS = {
-    "cache-control": "max-age=2592000, stale-while-revalidate=86400",
-    "content-security-policy": "default-src 'none'; media-src 'self'; style-src 'unsafe-inline'; sandbox",
-    "x-content-type-options": "nosniff",
-}
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -70,7 +66,7 @@ async def download_backup(request: Request) -> Response:
     if info is None:
         raise NotFound()
     headers = {
-        **_DOWNLOAD_HEADERS,
+        **FILE_HEADERS,
         "accept-ranges": "bytes",
         "content-disposition": f'attachment; filename="{key}"',
         "last-modified": http_date(info.modified, usegmt=True),

@@ -16,7 +16,8 @@ from .common import get_app, json_response, require_auth
 
 _INLINE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/avif", "image/bmp",
                  "video/mp4", "audio/mpeg", "application/pdf", "application/ogg")
-_HEADERS = {
+# Served files (record files and backups): cached, and never run as a page in the API's origin.
+FILE_HEADERS = {
     "cache-control": "max-age=2592000, stale-while-revalidate=86400",
     "content-security-policy": "default-src 'none'; media-src 'self'; style-src 'unsafe-inline'; sandbox",
     "x-content-type-options": "nosniff",
@@ -63,7 +64,7 @@ async def download(request: Request) -> Response:
     base_type = media_type.split(";", 1)[0]
     inline = base_type in _INLINE_TYPES and request.query_params.get("download", "") in ("", "0", "false")
     disposition = "inline" if inline else "attachment"
-    headers = dict(_HEADERS)
+    headers = dict(FILE_HEADERS)
     return FileResponse(path, media_type=media_type, headers=headers, filename=filename,
                         content_disposition_type=disposition)
 
