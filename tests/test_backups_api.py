@@ -417,6 +417,12 @@ def test_concurrent_creates_single_flight(fresh_server: ServerProcess, fresh_api
     active = api.http.get("/api/backups/status", headers=su).json()["active"]
     assert active is not None, "the backup ended before the checks: make it bigger"
     assert active["op"] == "create" and active["key"] == winner, active
+    # bytesTotal is 0 ("not known yet") until the job has listed what it will archive.
+    deadline = time.monotonic() + 10
+    while active is not None and active["bytesTotal"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        active = api.http.get("/api/backups/status", headers=su).json()["active"]
+    assert active is not None, "the backup ended before the checks: make it bigger"
     assert DATETIME_RE.match(active["startedAt"]) and active["bytesTotal"] > 64 << 20, active
     assert 0 <= active["bytesDone"] <= active["bytesTotal"]
     assert winner not in listed(api, su)  # not published before it is complete
