@@ -12,11 +12,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from .backups import BackupManager
-from .backups import restore
+from . import faults
+from .backups import BackupManager, restore
 from .backups.manager import describe_error
 from .collections import SUPERUSERS, CollectionStore
-from . import faults
 from .cron import Scheduler
 from .database import Database
 from .datadir import DataDir

@@ -482,3 +482,28 @@ def test_a_crash_during_the_swap_leaves_complete_old_or_complete_new_data(
     last = api.http.get("/api/backups/status", headers=su).json()["last"]
     assert last is not None and last["op"] == "restore" and last["ok"] is expect_new, last
     api.close()
+
+
+def test_a_swap_that_fails_before_moving_anything_keeps_the_data_and_says_so(faulty_server: ServerProcess) -> None:
+    faulty_server.env["PB_FAULTS"] = "raise:restore-swap"
+    faulty_server.start()
+    api, current = prepare_restore_case(faulty_server)
+    pid = faulty_server.process.pid
+    last = restore(faulty_server, "snap.zip")
+    assert last["ok"] is False and "could not be swapped" in last["error"], last
+    assert faulty_server.process.pid == pid
+    assert set(notes(api, login(faulty_server))) == current
+    api.close()
+
+
+def test_a_stray_file_where_the_restore_works_is_neither_fatal_nor_in_the_way(fresh_server: ServerProcess) -> None:
+    api, _ = prepare_restore_case(fresh_server)
+    stray = fresh_server.data_dir / ".pb_restore"
+    stray.write_text("not a directory")
+    fresh_server.restart()  # start-up looks for a restore journal there
+    su = login(fresh_server)
+    old_ids = {r["id"] for r in notes(api, su).values() if r["title"] == "old"}
+    assert restore(fresh_server, "snap.zip")["ok"]
+    assert set(notes(api, login(fresh_server))) == old_ids
+    assert not stray.exists()
+    api.close()

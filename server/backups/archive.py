@@ -227,36 +227,38 @@ def plan_archive(archive: zipfile.ZipFile) -> Plan:
     return plan
 
 
+def _checked_plan(archive: zipfile.ZipFile) -> Plan:
+    """``plan_archive``, with any failure of zipfile itself reported as an unreadable archive."""
+    try:
+        return plan_archive(archive)
+    except ArchiveError:
+        raise
+    except Exception as exc:
+        raise ArchiveError("the file is not a readable zip archive") from exc
+
+
 def check_upload(path: Path) -> None:
     """An uploaded file must be a readable zip with a sound structure and ``data.db`` at its root."""
     with open_zip(path) as archive:
-        try:
-            plan_archive(archive)
-        except ArchiveError:
-            raise
-        except Exception as exc:
-            raise ArchiveError("the file is not a readable zip archive") from exc
+        _checked_plan(archive)
 
 
 def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
-            cancel: threading.Event | None = None) -> dict[str, Any] | None:
+            cancel: threading.Event | None = None, on_total: Progress = lambda n: None) -> dict[str, Any] | None:
     """Extract a backup into the empty directory ``target`` and verify it.
 
     Verification: the structure (``plan_archive``), the actual size of every entry against its
     declared size, the manifest's size and SHA-256 of every file (when there is a manifest), and
     ``PRAGMA integrity_check`` of the databases. Raises ``ArchiveError`` with the reason; the
     caller removes ``target`` then. Returns the manifest (``None`` for an archive without one).
+    ``on_total`` learns the number of bytes to extract before ``progress`` counts them.
     """
     cancel = cancel or threading.Event()
     target.mkdir(parents=True, exist_ok=False)
     os.chmod(target, 0o700)
     with open_zip(zip_path) as archive:
-        try:
-            plan = plan_archive(archive)
-        except ArchiveError:
-            raise
-        except Exception as exc:
-            raise ArchiveError("the file is not a readable zip archive") from exc
+        plan = _checked_plan(archive)
+        on_total(plan.total_size)
         free = shutil.disk_usage(target).free
         if plan.total_size > free - DISK_MARGIN:
             raise ArchiveError("not enough free disk space to extract the backup")

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import threading
-import zipfile
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -368,17 +367,15 @@ class BackupManager:
 
     async def _restore(self, job: Job) -> bool:
         storage = self.storage()
-        info = await storage.stat(job.key)
-        if info is None:
-            raise StoredFileMissing("the backup no longer exists")
-        job.bytes_total = info.size
         work = self.datadir.temp / f"restore_{random_string(10)}"
         target = work / "data"
+
+        def set_total(total: int) -> None:
+            job.bytes_total = total
+
         try:
             async with storage.local_copy(job.key, self.datadir.temp) as zip_path:
-                total = await asyncio.to_thread(_uncompressed_size, zip_path)
-                job.bytes_done, job.bytes_total = 0, total or info.size
-                await asyncio.to_thread(archive.extract, zip_path, target, job.advance, job.cancel)
+                await asyncio.to_thread(archive.extract, zip_path, target, job.advance, job.cancel, set_total)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, work, True)
             raise
@@ -405,11 +402,3 @@ def _sizes(sources: list[archive.Source]) -> list[int]:
 def _read_head(path: Path) -> bytes:
     with open(path, "rb") as handle:
         return handle.read(8)
-
-
-def _uncompressed_size(path: Path) -> int:
-    try:
-        with zipfile.ZipFile(path) as archive_file:
-            return sum(info.file_size for info in archive_file.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return 0

@@ -62,7 +62,7 @@ def _write_journal(root: Path, journal: dict[str, Any]) -> None:
 def read_journal(root: Path) -> dict[str, Any] | None:
     try:
         return json.loads((root / WORK_DIR / "journal.json").read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except ValueError:
         # A journal cut short: written before any move (it is replaced atomically), so nothing moved.
@@ -71,9 +71,12 @@ def read_journal(root: Path) -> dict[str, Any] | None:
 
 def swap_in(root: Path, new_dir: Path, key: str, started_at: str) -> None:
     """Move the current data aside and the extracted backup ``new_dir`` in (databases closed)."""
+    faults.raise_point("restore-swap")
     work = root / WORK_DIR
-    if work.exists():
-        shutil.rmtree(work)
+    if work.is_dir() and not work.is_symlink():
+        shutil.rmtree(work)  # what a finished restore failed to delete
+    elif work.exists() or work.is_symlink():
+        work.unlink()
     (work / "old").mkdir(parents=True)
     os.chmod(work, 0o700)
     old = sorted(name for name in os.listdir(root) if name not in KEPT)
