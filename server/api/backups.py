@@ -87,8 +87,8 @@ async def download_backup(request: Request) -> Response:
     headers["content-length"] = str(end - start)
     if request.method == "HEAD":
         return Response(status_code=status_code, headers=headers, media_type="application/zip")
-    return StreamingResponse(app.backups.read(key, start, end), status_code=status_code, headers=headers,
-                             media_type="application/zip")
+    chunks = await app.backups.open_read(key, start, end)
+    return StreamingResponse(chunks, status_code=status_code, headers=headers, media_type="application/zip")
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:

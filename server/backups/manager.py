@@ -15,8 +15,8 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +29,7 @@ from ..logs import WARN, LogWriter
 from ..settings import Settings
 from ..storage import FileInfo, InvalidKey, Storage, StorageError, StoredFileExists, StoredFileMissing
 from ..storage.local import LocalStorage
+from ..storage.s3 import S3Config, S3Storage
 from ..tools.security import random_string
 from ..tools.times import format_datetime
 from ..values import error
@@ -125,13 +126,31 @@ class BackupManager:
         self.active: Job | None = None
         self.last: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._s3: S3Storage | None = None  # kept while its settings stay the same: one boto3 client
         # Set by the server: called with a verified restore, it stops serving, swaps, re-execs.
         self.on_restore_ready: Callable[[RestoreReady], Awaitable[None]] | None = None
 
     # --- storage ---------------------------------------------------------------------------
 
     def storage(self) -> Storage:
-        return LocalStorage(self.datadir.backups, self.datadir.temp)
+        """Where backups go now: S3 while ``settings.backups.s3.enabled``, else ``pb_data/backups``.
+
+        Read at each call, so that saving the settings switches storage without a restart; a job
+        keeps the storage it started with."""
+        s3 = self.settings.data["backups"]["s3"]
+        if not s3["enabled"]:
+            return LocalStorage(self.datadir.backups, self.datadir.temp)
+        config = S3Config.from_settings(s3)
+        if self._s3 is None or self._s3.config != config:
+            self._s3 = S3Storage(config, self.datadir.temp)
+        return self._s3
+
+    async def test_s3(self) -> None:
+        """Write, read and delete a probe object with the saved S3 settings (``StorageError`` why not)."""
+        storage = self.storage()
+        if not isinstance(storage, S3Storage):
+            raise StorageError("S3 storage filesystem is not enabled.")
+        await storage.probe()
 
     # --- status ----------------------------------------------------------------------------
 
@@ -211,30 +230,54 @@ class BackupManager:
     # --- list, delete, read ----------------------------------------------------------------
 
     async def list(self) -> list[FileInfo]:
-        return await self.storage().list()
+        with _storage_failure("Failed to retrieve backup items."):
+            return await self.storage().list()
 
     async def stat(self, key: str) -> FileInfo | None:
-        try:
-            return await self.storage().stat(key)
-        except InvalidKey:
-            return None
+        with _storage_failure("Failed to retrieve the backup file."):
+            try:
+                return await self.storage().stat(key)
+            except InvalidKey:
+                return None
 
-    def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        return self.storage().read(key, start, end)
+    async def open_read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes ``[start, end)`` of ``key``. The first chunk is fetched before this returns, so
+        that a storage failure becomes an error answer rather than a download cut short."""
+        stream = self.storage().read(key, start, end)
+        with _storage_failure("Failed to download the backup."):
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                first = b""
+            except (InvalidKey, StoredFileMissing):
+                raise NotFound() from None
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                if first:
+                    yield first
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await stream.aclose()
+
+        return chunks()
 
     async def delete(self, key: str) -> None:
         if self.active is not None and self.active.key == key:
             raise BadRequest("The backup is in use by a running backup or restore; try again later.")
-        try:
-            await self.storage().delete(key)
-        except (InvalidKey, StoredFileMissing):
-            raise NotFound() from None
+        with _storage_failure("Failed to delete the backup."):
+            try:
+                await self.storage().delete(key)
+            except (InvalidKey, StoredFileMissing):
+                raise NotFound() from None
 
     # --- create ----------------------------------------------------------------------------
 
     async def start_create(self, name: str | None = None, prefix: str = "") -> str:
         """Validate, take the lock and start a backup in the background; returns its key."""
-        key, job = await self._begin_create(name, prefix)
+        with _storage_failure("Failed to create backup."):
+            key, job = await self._begin_create(name, prefix)
         self._spawn(job, self._create(job))
         return key
 
@@ -301,8 +344,9 @@ class BackupManager:
         if problem is not None:
             raise ValidationError({"file": problem})
         storage = self.storage()
-        if await storage.exists(filename):
-            raise _name_exists()
+        with _storage_failure("Failed to upload the backup."):
+            if await storage.exists(filename):
+                raise _name_exists()
         job = self._acquire("upload", filename)
         job.bytes_total = declared_size or 0
         temp = self.datadir.temp / f"upload_{random_string(12)}.zip"
@@ -317,8 +361,11 @@ class BackupManager:
                 await asyncio.to_thread(archive.check_upload, temp)
             except archive.ArchiveError as exc:
                 raise ValidationError({"file": field_error("validation_invalid_backup", f"Invalid backup: {exc}.")})
+            # What was received is checked: now it is stored (a rename on disk, an upload to S3).
+            job.bytes_total, job.bytes_done = 2 * job.bytes_done, job.bytes_done
             try:
-                await storage.put_file(filename, temp)
+                with _storage_failure("Failed to upload the backup."):
+                    await storage.put_file(filename, temp, job.advance)
             except StoredFileExists:
                 raise _name_exists() from None
             self.logs.info("Backup uploaded", key=filename, size=job.bytes_done)
@@ -371,10 +418,13 @@ class BackupManager:
         target = work / "data"
 
         def set_total(total: int) -> None:
-            job.bytes_total = total
+            # The download (from S3) is done; progress now counts the extraction.
+            job.bytes_total, job.bytes_done = total, 0
 
         try:
-            async with storage.local_copy(job.key, self.datadir.temp) as zip_path:
+            info = await storage.stat(job.key)
+            job.bytes_total = info.size if info is not None else 0  # the fetch first, if it is a download
+            async with storage.local_copy(job.key, self.datadir.temp, job.advance) as zip_path:
                 await asyncio.to_thread(archive.extract, zip_path, target, job.advance, job.cancel, set_total)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, work, True)
@@ -382,6 +432,17 @@ class BackupManager:
         assert self.on_restore_ready is not None
         await self.on_restore_ready(RestoreReady(job.key, target, format_datetime(job.started_at)))
         return True  # the job now belongs to the restart: the lock stays taken until the re-exec
+
+
+@contextmanager
+def _storage_failure(action: str) -> Iterator[None]:
+    """A storage that cannot be used (S3 unreachable, bad credentials) is a 400 that says why."""
+    try:
+        yield
+    except (InvalidKey, StoredFileMissing, StoredFileExists):
+        raise
+    except StorageError as exc:
+        raise BadRequest(f"{action} Reason: {exc}.") from exc
 
 
 def _name_exists() -> ValidationError:

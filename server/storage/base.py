@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +16,7 @@ CHUNK_SIZE = 1 << 20
 MAX_KEY_LENGTH = 255
 # Flat names only: no separators, no NUL or control characters, no leading dot (our temp and
 # status files), so a key can never name a path outside the store or one of its working files.
+Progress = Callable[[int], None]
 _KEY_RE = re.compile(r"^[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]*$")
 
 
@@ -112,23 +113,30 @@ class Storage(abc.ABC):
             await asyncio.to_thread(writer.abort)
             raise
 
-    async def put_file(self, key: str, path: Path) -> FileInfo:
-        """Publish the local file ``path`` under ``key``; the file is consumed (moved or deleted)."""
+    async def put_file(self, key: str, path: Path, progress: Progress | None = None) -> FileInfo:
+        """Publish the local file ``path`` under ``key``; the file is consumed (moved or deleted).
 
-        def copy() -> FileInfo:
-            with self.open_write(key) as writer, open(path, "rb") as source:
-                while chunk := source.read(CHUNK_SIZE):
-                    writer.write(chunk)
-                info = writer.commit()
-            path.unlink(missing_ok=True)
-            return info
+        Streamed in chunks, each read in a worker thread, so that a stopping server can interrupt it."""
 
-        return await asyncio.to_thread(copy)
+        async def chunks() -> AsyncIterator[bytes]:
+            handle = await asyncio.to_thread(open, path, "rb")
+            try:
+                while chunk := await asyncio.to_thread(handle.read, CHUNK_SIZE):
+                    if progress is not None:
+                        progress(len(chunk))
+                    yield chunk
+            finally:
+                await asyncio.to_thread(handle.close)
+
+        info = await self.write(key, chunks())
+        await asyncio.to_thread(path.unlink, True)
+        return info
 
     @abc.abstractmethod
-    def local_copy(self, key: str, temp_dir: Path) -> AbstractAsyncContextManager[Path]:
+    def local_copy(self, key: str, temp_dir: Path,
+                   progress: Progress | None = None) -> AbstractAsyncContextManager[Path]:
         """A local file with the bytes of ``key`` (the file itself where it is local, else a copy
-        in ``temp_dir`` that is removed when the context ends)."""
+        in ``temp_dir``, reported to ``progress`` as it arrives, removed when the context ends)."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:

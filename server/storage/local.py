@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 from ..tools.fsync import fsync_dir
 from ..tools.security import random_string
-from .base import CHUNK_SIZE, FileInfo, Storage, StorageError, StoredFileExists, StoredFileMissing, Writer, check_key
+from .base import CHUNK_SIZE, FileInfo, Progress, Storage, StorageError, StoredFileExists, StoredFileMissing, Writer, check_key
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -187,7 +187,7 @@ class LocalStorage(Storage):
         self._ensure_dirs()
         return LocalWriter(target, self.temp_dir)
 
-    async def put_file(self, key: str, path: Path) -> FileInfo:
+    async def put_file(self, key: str, path: Path, progress: Progress | None = None) -> FileInfo:
         target = self._path(key)
 
         def move() -> FileInfo:
@@ -203,10 +203,10 @@ class LocalStorage(Storage):
         except StoredFileExists:
             raise
         except OSError:
-            return await super().put_file(key, path)
+            return await super().put_file(key, path, progress)
 
     @asynccontextmanager
-    async def local_copy(self, key: str, temp_dir: Path) -> AsyncIterator[Path]:
+    async def local_copy(self, key: str, temp_dir: Path, progress: Progress | None = None) -> AsyncIterator[Path]:
         if await self.stat(key) is None:
             raise StoredFileMissing("no such file")
         yield self._path(key)
