@@ -287,7 +287,14 @@ class S3Storage(Storage):
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         try:
-            self.call(self.client().abort_multipart_upload, Bucket=self.config.bucket, Key=key, UploadId=upload_id)
+            try:
+                self.client().abort_multipart_upload(Bucket=self.config.bucket, Key=key, UploadId=upload_id)
+            except ClientError as exc:
+                if _code(exc) in ("NoSuchUpload", "404"):
+                    return  # already gone (aborted, expired, or forgotten by a restarted server)
+                raise explain(exc, self.config) from None
+            except Exception as exc:
+                raise explain(exc, self.config) from None
         except StorageError as exc:
             logger.warning("could not abort an unfinished S3 upload of %s (%s); will retry", key, exc)
             with self._stale_lock:
