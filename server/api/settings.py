@@ -26,6 +26,8 @@ async def test_s3(request: Request) -> Response:
     """``POST /api/settings/test/s3 {"filesystem": "backups"}``: probe the saved S3 settings."""
     await require_superuser(request)
     filesystem = (await read_json(request)).get("filesystem")
+    if filesystem is not None and not isinstance(filesystem, str):
+        raise BadRequest("An error occurred while loading the submitted data.")  # as PocketBase: not a string
     if not filesystem:
         raise ValidationError({"filesystem": field_error("validation_required", "Cannot be blank.")}, S3_TEST_FAILED)
     if filesystem not in ("storage", "backups"):
