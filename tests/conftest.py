@@ -273,10 +273,22 @@ class S3Server:
             self.process.wait()
         self.process = None
 
+    def client(self) -> Any:
+        """A boto3 client of this server (for tests to look at or tamper with the bucket)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET,
+            config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                          response_checksum_validation="when_required"))
+
     def bucket(self, name: str | None = None) -> str:
-        """A new, empty bucket (a directory of ``root``)."""
+        """A new, empty bucket, made through S3 (rclone caches its directory listings, so a
+        directory made behind its back may stay unseen for minutes)."""
         name = name or f"bk{os.urandom(4).hex()}"
-        (self.root / name).mkdir(parents=True, exist_ok=True)
+        self.client().create_bucket(Bucket=name)
         return name
 
     def objects(self, bucket: str) -> list[str]:
