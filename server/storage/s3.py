@@ -13,6 +13,7 @@ bucket, unreachable endpoint) and never carries the secret.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -43,10 +44,26 @@ logger = logging.getLogger("server.storage.s3")
 
 PART_SIZE = 8 << 20  # S3 wants at least 5 MiB for every part but the last
 PARTS_IN_FLIGHT = 3  # memory of a writer: about (PARTS_IN_FLIGHT + 1) * PART_SIZE
-MAX_ATTEMPTS = 4  # boto3's standard retry mode: transient errors and throttling, with backoff
+MAX_ATTEMPTS = 3  # boto3's standard retry mode: transient errors and throttling, with backoff
+CONNECT_TIMEOUT = 5
+READ_TIMEOUT = 30
+# S3 calls of the async methods run in threads of their own, not in asyncio's default pool: an
+# endpoint that hangs must not starve the rest of the server (password checks, file work) of threads.
+CALL_THREADS = 8
 PROBE_PREFIX = "pb_settings_test_"
 
 T = TypeVar("T")
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="s3-call")
+    return await asyncio.get_running_loop().run_in_executor(_executor, functools.partial(function, *args))
 
 
 @dataclass(frozen=True)
@@ -123,17 +140,27 @@ class S3Writer(Writer):
         self._pending: set[Future[None]] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._done = False
+        self._failed = False  # a part was lost: this upload can only be aborted
 
     def write(self, data: Any) -> int:
         if self._done:
             raise ValueError("writer is closed")
+        self._check()
         self._buffer += data
         self.bytes_written += len(data)
-        while len(self._buffer) >= PART_SIZE:
-            part = bytes(self._buffer[:PART_SIZE])
-            del self._buffer[:PART_SIZE]
-            self._send(part)
+        try:
+            while len(self._buffer) >= PART_SIZE:
+                part = bytes(self._buffer[:PART_SIZE])
+                del self._buffer[:PART_SIZE]
+                self._send(part)
+        except BaseException:
+            self._failed = True
+            raise
         return len(data)
+
+    def _check(self) -> None:
+        if self._failed:
+            raise S3Error("the upload failed earlier and cannot be completed")
 
     def _send(self, part: bytes) -> None:
         storage = self._storage
@@ -164,8 +191,9 @@ class S3Writer(Writer):
         if self._done:
             raise ValueError("writer is closed")
         storage = self._storage
-        client, bucket = storage.client(), storage.config.bucket
         try:
+            self._check()
+            client, bucket = storage.client(), storage.config.bucket
             if self._upload_id is None:
                 body = bytes(self._buffer)
                 self._buffer.clear()
@@ -234,8 +262,8 @@ class S3Storage(Storage):
                     region_name=self.config.region or None,
                     s3={"addressing_style": "path" if self.config.force_path_style else "auto"},
                     retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-                    connect_timeout=10,
-                    read_timeout=60,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    read_timeout=READ_TIMEOUT,
                     max_pool_connections=PARTS_IN_FLIGHT + 8,
                     # Checksums only where S3 requires them: many S3-compatible servers send the whole
                     # object's checksum with a ranged GET, which newer botocore would then reject.
@@ -325,11 +353,11 @@ class S3Storage(Storage):
                 raise explain(exc, self.config) from None
             return sorted(found, key=lambda info: info.key)
 
-        return await asyncio.to_thread(scan)
+        return await _in_thread(scan)
 
     async def stat(self, key: str) -> FileInfo | None:
         check_key(key)
-        return await asyncio.to_thread(self.stat_sync, key)
+        return await _in_thread(self.stat_sync, key)
 
     async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         check_key(key)
@@ -342,19 +370,19 @@ class S3Storage(Storage):
         def get() -> Any:
             return self.call(self.client().get_object, Bucket=self.config.bucket, Key=key, **wanted)
 
-        answer = await asyncio.to_thread(get)
+        answer = await _in_thread(get)
         body = answer["Body"]
         try:
             while True:
                 try:
-                    chunk = await asyncio.to_thread(body.read, CHUNK_SIZE)
+                    chunk = await _in_thread(body.read, CHUNK_SIZE)
                 except Exception as exc:
                     raise explain(exc, self.config) from None
                 if not chunk:
                     break
                 yield chunk
         finally:
-            await asyncio.to_thread(body.close)
+            await _in_thread(body.close)
 
     def open_write(self, key: str) -> S3Writer:
         check_key(key)
@@ -370,17 +398,17 @@ class S3Storage(Storage):
             return os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
         try:
-            handle = await asyncio.to_thread(open_target)
+            handle = await _in_thread(open_target)
             try:
                 async for chunk in self.read(key):
-                    await asyncio.to_thread(handle.write, chunk)
+                    await _in_thread(handle.write, chunk)
                     if progress is not None:
                         progress(len(chunk))
             finally:
-                await asyncio.to_thread(handle.close)
+                await _in_thread(handle.close)
             yield target
         finally:
-            await asyncio.to_thread(target.unlink, True)
+            await _in_thread(target.unlink, True)
 
     async def delete(self, key: str) -> None:
         check_key(key)
@@ -390,7 +418,7 @@ class S3Storage(Storage):
                 raise StoredFileMissing("no such file")
             self.call(self.client().delete_object, Bucket=self.config.bucket, Key=key)
 
-        await asyncio.to_thread(remove)
+        await _in_thread(remove)
 
     async def probe(self) -> None:
         """Write, read back and delete a small object; raises ``StorageError`` saying which step
@@ -417,7 +445,7 @@ class S3Storage(Storage):
                 except StorageError as exc:
                     raise S3Error(f"failed to delete the test file: {exc}") from None
 
-        await asyncio.to_thread(run)
+        await _in_thread(run)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "bucket": self.config.bucket, "region": self.config.region,
