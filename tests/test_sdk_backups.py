@@ -12,7 +12,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, ServerProcess, dumps
+import httpx
+import pytest
+
+from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, S3Server, ServerProcess, dumps
+from test_backup_restore import login
 
 E2E = Path(__file__).resolve().parent / "e2e"
 
@@ -76,9 +80,18 @@ EXPECTED: dict[str, Any] = {
 }
 
 
-def test_sdk_backup_create_download_upload_restore_delete(fresh_server: ServerProcess) -> None:
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_sdk_backup_create_download_upload_restore_delete(fresh_server: ServerProcess, storage: str,
+                                                          request: pytest.FixtureRequest) -> None:
+    """The same script, the same answers, whether backups live on the disk or in a bucket."""
     assert fresh_server.process is not None
     pid = fresh_server.process.pid
+    if storage == "s3":
+        s3: S3Server = request.getfixturevalue("s3_server")
+        bucket = s3.bucket()
+        response = httpx.patch(fresh_server.url + "/api/settings", headers=login(fresh_server),
+                               json={"backups": {"s3": s3.settings(bucket)}}, timeout=30)
+        assert response.status_code == 200, response.text
     result = run_script(fresh_server.url)
     print("info:", result.pop("info", None))
     assert result == EXPECTED, f"got:\n{dumps(result)}\nexpected:\n{dumps(EXPECTED)}"
@@ -86,6 +99,12 @@ def test_sdk_backup_create_download_upload_restore_delete(fresh_server: ServerPr
     assert fresh_server.process.pid == pid
     assert fresh_server.process.poll() is None, fresh_server.output()
     assert fresh_server.output().count("Server started at") == 2, fresh_server.output()
+    backups_dir = fresh_server.data_dir / "backups"
+    on_disk = sorted(p.name for p in backups_dir.iterdir()) if backups_dir.exists() else []
+    if storage == "s3":
+        assert s3.objects(bucket) == ["sdk_one.zip"] and on_disk == []
+    else:
+        assert on_disk == ["sdk_one.zip"]
     # The swap cleaned up after itself: no old data kept, no extracted copy left.
     assert not (fresh_server.data_dir / ".pb_restore").exists()
     temp = fresh_server.data_dir / ".pb_temp_to_delete"
