@@ -1,5 +1,6 @@
-# `make run` serves on 127.0.0.1:8090 with ./pb_data; `make test` runs the whole suite.
-# Both install what they need into .venv (and tests/e2e/node_modules) first.
+# `make run` serves on 127.0.0.1:8090 with ./pb_data; `make test` runs the whole suite;
+# `make bench` runs the benchmarks (BENCH_ARGS, e.g. --scale 0.1 for a quick look).
+# Each installs what it needs into .venv (and tests/e2e/node_modules) first.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +8,7 @@ PY     := $(VENV)/bin/python
 HTTP   ?= 127.0.0.1:8090
 DIR    ?= ./pb_data
 
-.PHONY: run test install install-test clean
+.PHONY: run test bench install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ run: install
 
 test: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(PY) -m bench.s3_memory $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/e2e/node_modules .pytest_cache
