@@ -30,6 +30,7 @@ from ..settings import Settings
 from ..storage import FileInfo, InvalidKey, Storage, StorageError, StoredFileExists, StoredFileMissing
 from ..storage.local import LocalStorage
 from ..storage.s3 import S3Config, S3Storage
+from ..tools.memory import release_free_memory
 from ..tools.security import random_string
 from ..tools.times import format_datetime
 from ..values import error
@@ -191,6 +192,8 @@ class BackupManager:
             self.logs.error(f"Backup {job.op} failed", key=job.key, error=self.last["error"])
         if self.active is job:
             self.active = None
+        # The job's buffers are freed by now; hand the memory back to the OS (off the event loop).
+        asyncio.get_running_loop().run_in_executor(None, release_free_memory)
 
     def _spawn(self, job: Job, work: Awaitable[bool | None]) -> None:
         async def run() -> None:

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import asynccontextmanager
@@ -127,57 +128,88 @@ def explain(exc: BaseException, config: S3Config) -> StorageError:
 class S3Writer(Writer):
     """Streams into a multipart upload, started once a first part is full (a small file is one PUT).
 
+    Parts are filled into at most ``PARTS_IN_FLIGHT + 1`` buffers of ``PART_SIZE``, allocated once
+    and reused: memory stays bounded, and the allocator is not left with a trail of freed 8 MiB
+    blocks in its per-thread arenas (which showed as +100 MB of RSS that was never given back).
+
     Not seekable: ``zipfile`` then writes data descriptors after each entry instead of seeking back.
     """
 
     def __init__(self, storage: "S3Storage", key: str) -> None:
         self._storage = storage
         self._key = key
-        self._buffer = bytearray()
+        self._current: bytearray | None = None  # the part being filled
+        self._fill = 0
+        self._free: deque[bytearray] = deque()  # buffers handed back by finished part uploads
+        self._allocated = 0
         self._upload_id: str | None = None
         self._parts: dict[int, str] = {}
         self._next_part = 1
         self._pending: set[Future[None]] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._done = False
-        self._failed = False  # a part was lost: this upload can only be aborted
+        self._failed: BaseException | None = None  # a part was lost: this upload can only be aborted
 
     def write(self, data: Any) -> int:
         if self._done:
             raise ValueError("writer is closed")
         self._check()
-        self._buffer += data
-        self.bytes_written += len(data)
+        view = memoryview(data).cast("B")
+        size = len(view)
         try:
-            while len(self._buffer) >= PART_SIZE:
-                part = bytes(self._buffer[:PART_SIZE])
-                del self._buffer[:PART_SIZE]
-                self._send(part)
-        except BaseException:
-            self._failed = True
+            while view:
+                buffer = self._buffer()
+                count = min(len(view), PART_SIZE - self._fill)
+                buffer[self._fill:self._fill + count] = view[:count]
+                self._fill += count
+                view = view[count:]
+                if self._fill == PART_SIZE:
+                    self._current = None
+                    self._send(buffer, PART_SIZE)
+        except BaseException as exc:
+            self._failed = exc if isinstance(exc, StorageError) else S3Error(
+                "the upload failed earlier and cannot be completed")
             raise
-        return len(data)
+        self.bytes_written += size
+        return size
+
+    def _buffer(self) -> bytearray:
+        if self._current is None:
+            if self._free:
+                self._current = self._free.pop()
+            else:
+                assert self._allocated <= PARTS_IN_FLIGHT, "more part buffers than parts in flight"
+                self._current = bytearray(PART_SIZE)
+                self._allocated += 1
+            self._fill = 0
+        return self._current
 
     def _check(self) -> None:
-        if self._failed:
-            raise S3Error("the upload failed earlier and cannot be completed")
+        """Refuse to go on after a failure, with that failure's reason (``zipfile`` writes once
+        more as it closes an entry: that second error must not hide the first)."""
+        if self._failed is not None:
+            raise self._failed
 
-    def _send(self, part: bytes) -> None:
+    def _send(self, buffer: bytearray, length: int) -> None:
         storage = self._storage
         if self._upload_id is None:
             answer = storage.call(storage.client().create_multipart_upload, Bucket=storage.config.bucket, Key=self._key)
             self._upload_id = answer["UploadId"]
             self._pool = ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
-        self._wait(PARTS_IN_FLIGHT - 1)
         number, self._next_part = self._next_part, self._next_part + 1
         assert self._pool is not None
-        self._pending.add(self._pool.submit(self._upload_part, number, part))
+        self._pending.add(self._pool.submit(self._upload_part, number, buffer, length))
+        self._wait(PARTS_IN_FLIGHT)  # then at least one buffer is free for the next part
 
-    def _upload_part(self, number: int, body: bytes) -> None:
+    def _upload_part(self, number: int, buffer: bytearray, length: int) -> None:
         storage = self._storage
-        answer = storage.call(storage.client().upload_part, Bucket=storage.config.bucket, Key=self._key,
-                              UploadId=self._upload_id, PartNumber=number, Body=body)
-        self._parts[number] = answer["ETag"]
+        try:
+            body = buffer if length == len(buffer) else bytes(memoryview(buffer)[:length])
+            answer = storage.call(storage.client().upload_part, Bucket=storage.config.bucket, Key=self._key,
+                                  UploadId=self._upload_id, PartNumber=number, Body=body)
+            self._parts[number] = answer["ETag"]
+        finally:
+            self._free.append(buffer)
 
     def _wait(self, most: int) -> None:
         """Wait until at most ``most`` parts are in flight; a failed part raises here."""
@@ -195,15 +227,16 @@ class S3Writer(Writer):
             self._check()
             client, bucket = storage.client(), storage.config.bucket
             if self._upload_id is None:
-                body = bytes(self._buffer)
-                self._buffer.clear()
+                body = bytes(memoryview(self._current)[:self._fill]) if self._current is not None else b""
+                self._release_buffers()
                 storage.refuse_existing(self._key)
                 storage.conditional(client.put_object, Bucket=bucket, Key=self._key, Body=body)
             else:
-                if self._buffer:
-                    self._send(bytes(self._buffer))
-                    self._buffer.clear()
+                if self._current is not None and self._fill:
+                    buffer, self._current = self._current, None
+                    self._send(buffer, self._fill)
                 self._wait(0)
+                self._release_buffers()
                 parts = [{"PartNumber": n, "ETag": tag} for n, tag in sorted(self._parts.items())]
                 storage.refuse_existing(self._key)
                 storage.conditional(client.complete_multipart_upload, Bucket=bucket, Key=self._key,
@@ -223,16 +256,21 @@ class S3Writer(Writer):
         if self._done and self._upload_id is None:
             return
         self._done = True
-        self._buffer = bytearray()
         for future in self._pending:
             future.cancel()
         if self._pending:
             wait(self._pending)
             self._pending.clear()
         self._close_pool()
+        self._release_buffers()
         if self._upload_id is not None:
             self._storage.abort_upload(self._key, self._upload_id)
             self._upload_id = None
+
+    def _release_buffers(self) -> None:
+        self._current = None
+        self._fill = 0
+        self._free.clear()
 
     def _close_pool(self) -> None:
         if self._pool is not None:
