@@ -24,6 +24,7 @@ from .records import RecordService
 from .settings import Settings
 
 logger = logging.getLogger("server")
+AUTO_BACKUP_JOB = "__pbAutoBackup__"
 
 
 @asynccontextmanager
@@ -46,7 +47,7 @@ class App:
         self.records = RecordService(self.db, self.collections, self.datadir)
         self.settings = Settings(self.db)
         self.logs = LogWriter(self.aux_db)
-        self.scheduler = scheduler or Scheduler()
+        self.scheduler = scheduler or Scheduler.from_env()
         self.backups = BackupManager(self.datadir, self.db, self.aux_db, self.settings, self.logs)
         self._started = False
 
@@ -88,9 +89,13 @@ class App:
 
     async def start(self) -> None:
         """``open`` plus the background work of a serving process: log writer and scheduler."""
+        if not self.backups.lock.hold_server():
+            raise RuntimeError("another process (a restore from the command line) is using this data directory")
         await self.open()
         await self.logs.start()
         self._register_system_jobs()
+        self._schedule_backups()
+        self.settings.on_change(lambda _settings: self._schedule_backups())
         self.scheduler.on_error = lambda job_id, exc: self.logs.error(f"Cron job {job_id} failed", error=str(exc))
         self.scheduler.start()
         self._started = True
@@ -100,11 +105,20 @@ class App:
             await self.backups.shutdown()
             await self.scheduler.stop()
             await self.logs.stop()
+            self.backups.lock.release_server()
             self._started = False
         await self._close_data()
 
     async def has_superuser(self) -> bool:
         return bool(await self.db.scalar(f'SELECT EXISTS (SELECT 1 FROM "{SUPERUSERS}")'))
+
+    def _schedule_backups(self) -> None:
+        """``__pbAutoBackup__`` follows ``settings.backups.cron``: added, changed or removed."""
+        expression = self.settings.data["backups"]["cron"]
+        if expression:
+            self.scheduler.add(AUTO_BACKUP_JOB, expression, self.backups.auto_backup)
+        else:
+            self.scheduler.remove(AUTO_BACKUP_JOB)
 
     def _register_system_jobs(self) -> None:
         async def logs_cleanup() -> None:

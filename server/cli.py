@@ -1,4 +1,4 @@
-"""``python -m server``: serve, and manage superusers."""
+"""``python -m server``: serve, manage superusers, and manage backups (``backup_cli``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 
+from . import backup_cli
 from .app import opened
 from .collections import SUPERUSERS
 from .errors import ApiError
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete = actions.add_parser("delete", help="delete a superuser", description="Delete a superuser.")
     delete.add_argument("email")
     delete.add_argument("--dir", default=DEFAULT_DIR, help=f"the data directory (default {DEFAULT_DIR})")
+    backup_cli.add_parser(commands, DEFAULT_DIR)
     return parser
 
 
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(args.http, args.dir)
         return 0
+    if args.command == "backup":
+        return backup_cli.run(args)
     if args.action == "upsert":
         print(asyncio.run(upsert_superuser(args.dir, args.email, args.password)))
         return 0

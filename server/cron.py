@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from croniter import croniter
 from .errors import NotFound
 
 Job = Callable[[], Awaitable[None]]
+TEST_MINUTE_ENV = "PB_TEST_CRON_MINUTE_SECONDS"
 logger = logging.getLogger("server.cron")
 
 
@@ -41,6 +43,17 @@ class Scheduler:
         self.on_error: Callable[[str, BaseException], None] = lambda job_id, exc: logger.error(
             "cron job %s failed: %s", job_id, exc
         )
+
+    @classmethod
+    def from_env(cls) -> "Scheduler":
+        """The production scheduler, or, with ``PB_TEST_CRON_MINUTE_SECONDS=S`` set (a test hook),
+        one whose clock runs so fast that a minute lasts ``S`` real seconds."""
+        raw = os.environ.get(TEST_MINUTE_ENV, "")
+        if not raw:
+            return cls()
+        seconds = float(raw)
+        start = time.time()
+        return cls(tick_seconds=seconds, clock=lambda: start + (time.time() - start) * 60.0 / seconds)
 
     def add(self, job_id: str, expression: str, run: Job) -> None:
         if not croniter.is_valid(expression):

@@ -42,10 +42,14 @@ class LogWriter:
         self._wake = asyncio.Event()
         self.dropped = 0
 
-    async def start(self) -> None:
+    async def prepare(self) -> None:
+        """Create the ``_logs`` table if needed (``flush`` writes into it)."""
         for statement in LOGS_SCHEMA.strip().split(";"):
             if statement.strip():
                 await self._db.execute(statement)
+
+    async def start(self) -> None:
+        await self.prepare()
         self._task = asyncio.create_task(self._run(), name="log-writer")
 
     async def stop(self) -> None:

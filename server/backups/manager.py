@@ -35,11 +35,14 @@ from ..tools.security import random_string
 from ..tools.times import format_datetime
 from ..values import error
 from . import archive
+from .lock import ProcessLock
 from .restore import Outcome
 
 logger = logging.getLogger("server.backups")
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+\.zip$")
+AUTO_PREFIX = "@auto_"  # scheduled backups: @auto_pb_backup_<app>_<UTC timestamp>.zip
+_AUTO_ORDER_RE = re.compile(r"_(\d{14})(?:_(\d+))?\.zip$")
 MAX_NAME_LENGTH = 150
 BUSY_MESSAGE = "Try again later - another backup/restore process has already been started."
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -128,6 +131,7 @@ class BackupManager:
         self.last: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._s3: S3Storage | None = None  # kept while its settings stay the same: one boto3 client
+        self.lock = ProcessLock(datadir.root)  # one job at a time across processes (server and CLI)
         # Set by the server: called with a verified restore, it stops serving, swaps, re-execs.
         self.on_restore_ready: Callable[[RestoreReady], Awaitable[None]] | None = None
 
@@ -157,7 +161,12 @@ class BackupManager:
 
     @property
     def can_backup(self) -> bool:
-        return self.active is None
+        if self.active is not None:
+            return False
+        if not self.lock.try_job():  # a job of another process (the CLI)
+            return False
+        self.lock.release_job()
+        return True
 
     def status(self) -> dict[str, Any]:
         return {"active": self.active.to_json() if self.active else None, "last": self.last,
@@ -174,16 +183,19 @@ class BackupManager:
     # --- the lock --------------------------------------------------------------------------
 
     def _acquire(self, op: str, key: str) -> Job:
-        if self.active is not None:
+        if self.active is not None or not self.lock.try_job():
             raise Busy()
         self.active = Job(op, key)
         return self.active
 
-    def _release(self, job: Job, error: BaseException | None) -> None:
+    def _record(self, job: Job, error: BaseException | None) -> None:
         self.last = {"op": job.op, "key": job.key, "ok": error is None,
                      "error": None if error is None else describe_error(error),
                      "startedAt": format_datetime(job.started_at),
                      "finishedAt": format_datetime(datetime.now(timezone.utc))}
+
+    def _release(self, job: Job, error: BaseException | None) -> None:
+        self._record(job, error)
         if isinstance(error, ApiError) and error.status < 500:
             # Refused input (an upload that is not a backup): the client was told; a warning here.
             self.logs.add(WARN, f"Backup {job.op} refused", {"key": job.key, "error": self.last["error"]})
@@ -192,6 +204,7 @@ class BackupManager:
             self.logs.error(f"Backup {job.op} failed", key=job.key, error=self.last["error"])
         if self.active is job:
             self.active = None
+            self.lock.release_job()
         # The job's buffers are freed by now; hand the memory back to the OS (off the event loop).
         asyncio.get_running_loop().run_in_executor(None, release_free_memory)
 
@@ -291,6 +304,51 @@ class BackupManager:
         if self.last is None or self.last["key"] != key or not self.last["ok"]:
             raise BadRequest(f"The backup failed: {self.last['error'] if self.last else 'unknown error'}")
         return key
+
+    async def auto_backup(self) -> None:
+        """The ``__pbAutoBackup__`` cron job: a backup named ``@auto_pb_backup_...``, then only the
+        newest ``cronMaxKeep`` of those are kept. A run that finds a job active is skipped (and
+        logged); a failure is logged and shown in ``status().last``."""
+        try:
+            key = await self.start_create(prefix=AUTO_PREFIX)
+        except Busy:
+            logger.warning("scheduled backup skipped: another backup/restore is running")
+            self.logs.add(WARN, "Scheduled backup skipped: another backup/restore process is running", {})
+            return
+        except ApiError as exc:  # the storage cannot be used: no job started, so say it here
+            self._record(Job("create", AUTO_PREFIX + "pb_backup"), exc)
+            logger.error("scheduled backup failed: %s", exc.message)
+            self.logs.error("Scheduled backup failed", error=exc.message)
+            return
+        await self.wait()
+        if self.last is None or self.last["key"] != key or not self.last["ok"]:
+            return  # logged and recorded by the job itself
+        keep = int(self.settings.data["backups"]["cronMaxKeep"])
+        if keep > 0:
+            try:
+                await self.prune(keep)
+            except ApiError as exc:
+                self.logs.error("Pruning scheduled backups failed", error=exc.message)
+
+    async def prune(self, keep: int, prefix: str = AUTO_PREFIX) -> list[str]:
+        """Delete all but the newest ``keep`` backups whose key starts with ``prefix`` (by default the
+        scheduled ones: manual and uploaded backups are never pruned). Returns the deleted keys."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        with _storage_failure("Failed to retrieve backup items."):
+            found = await self.storage().list(prefix)
+        newest_first = sorted(found, key=_age_order, reverse=True)
+        deleted = []
+        for info in newest_first[keep:]:
+            if self.active is not None and self.active.key == info.key:
+                continue
+            try:
+                await self.delete(info.key)
+            except NotFound:
+                continue  # deleted meanwhile
+            deleted.append(info.key)
+            self.logs.info("Backup pruned", key=info.key)
+        return deleted
 
     async def _begin_create(self, name: str | None, prefix: str) -> tuple[str, Job]:
         if self.active is not None:
@@ -402,6 +460,42 @@ class BackupManager:
         finally:
             await asyncio.to_thread(handle.close)
 
+    # --- verify ----------------------------------------------------------------------------
+
+    async def verify(self, key: str, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+        """Check a backup without restoring it: fetched (from S3) and extracted into a temporary
+        directory with every check of a restore (structure, manifest checksums, ``integrity_check``
+        of the databases), then deleted. ``ArchiveError`` says why it is not restorable; returns
+        ``{"files", "bytes", "manifest"}``. ``progress(step, done, total)`` follows the work."""
+        storage = self.storage()
+        with _storage_failure("Failed to retrieve the backup file."):
+            info = await self.stat(key)
+        if info is None:
+            raise NotFound("Missing backup file.")
+        work = self.datadir.temp / f"verify_{random_string(10)}"
+        counters = {"step": "fetch", "done": 0, "total": info.size}
+
+        def advance(count: int) -> None:
+            counters["done"] += count
+            if progress is not None:
+                progress(str(counters["step"]), int(counters["done"]), int(counters["total"]))
+
+        def set_total(total: int) -> None:
+            counters.update(step="extract", done=0, total=total)
+            advance(0)
+
+        try:
+            with _storage_failure("Failed to retrieve the backup file."):
+                async with storage.local_copy(key, self.datadir.temp, advance) as zip_path:
+                    manifest = await asyncio.to_thread(archive.extract, zip_path, work / "data", advance, None,
+                                                       set_total)
+        except StoredFileMissing:
+            raise NotFound("Missing backup file.") from None
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        return {"files": len(manifest["files"]) if manifest is not None else None, "bytes": int(counters["total"]),
+                "manifest": manifest is not None}
+
     # --- restore ---------------------------------------------------------------------------
 
     async def start_restore(self, key: str) -> None:
@@ -446,6 +540,15 @@ def _storage_failure(action: str) -> Iterator[None]:
         raise
     except StorageError as exc:
         raise BadRequest(f"{action} Reason: {exc}.") from exc
+
+
+def _age_order(info: FileInfo) -> tuple[str, int, datetime]:
+    """Oldest first: the UTC timestamp in the name (and its ``_N`` suffix for backups of the same
+    second), then the modified time for names without one."""
+    match = _AUTO_ORDER_RE.search(info.key)
+    if match is None:
+        return ("", 0, info.modified)
+    return (match.group(1), int(match.group(2) or 1), info.modified)
 
 
 def _name_exists() -> ValidationError:

@@ -1,0 +1,309 @@
+"""``python -m server backup ...``: the backup manager from a shell.
+
+The same ``BackupManager`` and storage (local or S3, per the saved settings) as the server, and
+the same lock (``pb_data/.pb_backup.lock``): the CLI and a running server never run two jobs at
+once. A restore needs the data directory to itself, so it is refused while a server runs (the
+server's API restores without downtime for the clients).
+
+Results go to standard output; progress and errors to standard error: a bar on a terminal, a
+plain line per step otherwise. Exit code 0 on success, 1 on failure (with the reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from .app import App, opened
+from .backups import archive, restore
+from .backups.manager import AUTO_PREFIX, BUSY_MESSAGE, Busy, BackupManager, RestoreReady, describe_error
+from .errors import ApiError, NotFound
+from .tools.times import format_datetime
+
+SERVER_RUNNING = ("A server is running on this data directory: restore through its API instead "
+                  "(POST /api/backups/{key}/restore), which keeps clients waiting rather than refused.")
+
+
+class Failure(Exception):
+    """A command failed; the message says why (exit code 1)."""
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+class Progress:
+    """A byte counter shown as a bar on a terminal, or as a plain line per step (and per quarter of
+    each step) when the output is not a terminal."""
+
+    def __init__(self, stream: TextIO = sys.stderr, bar: bool | None = None) -> None:
+        self.stream = stream
+        self.bar = stream.isatty() if bar is None else bar
+        self._tqdm: Any = None
+        self._step = ""
+        self._started = time.monotonic()
+        self._quarter = 0
+
+    def step(self, label: str, total: int = 0) -> None:
+        """A new step of ``total`` bytes (0 when unknown)."""
+        self._close_bar()
+        self._step, self._started, self._quarter = label, time.monotonic(), 0
+        if self.bar and total:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=label,
+                              file=self.stream, dynamic_ncols=True, leave=True)
+        else:
+            self.line(f"{label}" + (f" ({_mb(total)})" if total else "") + " ...")
+
+    def update(self, done: int, total: int) -> None:
+        if self._tqdm is not None:
+            if total and self._tqdm.total != total:
+                self._tqdm.total = total
+            self._tqdm.update(done - self._tqdm.n)
+            return
+        if self.bar or not total:
+            return
+        quarter = min(4, done * 4 // total)
+        if quarter > self._quarter and quarter < 4:
+            self._quarter = quarter
+            elapsed = max(time.monotonic() - self._started, 1e-6)
+            self.line(f"  {quarter * 25}%: {_mb(done)} of {_mb(total)}, {done / elapsed / 1e6:.1f} MB/s")
+
+    def done(self, message: str = "") -> None:
+        self._close_bar()
+        if message:
+            self.line(message)
+
+    def line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def _close_bar(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+
+async def _follow(manager: BackupManager, progress: Progress, work: Awaitable[Any]) -> Any:
+    """Await ``work`` while showing the manager's job progress."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        job = manager.active
+        if job is not None:
+            progress.update(job.bytes_done, job.bytes_total)
+        await asyncio.wait({task}, timeout=0.2)
+    return task.result()
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+async def list_backups(app: App, args: argparse.Namespace, progress: Progress) -> None:
+    files = await app.backups.list()
+    if args.json:
+        print(json.dumps([{"key": f.key, "size": f.size, "modified": format_datetime(f.modified)} for f in files],
+                         indent=1))
+        return
+    if not files:
+        progress.line(f"No backups in {app.backups.storage().describe()['kind']} storage.")
+        return
+    width = max(len(f.key) for f in files)
+    for f in files:
+        print(f"{f.key:<{width}}  {f.size:>14,d}  {format_datetime(f.modified)}")
+
+
+async def create_backup(app: App, args: argparse.Namespace, progress: Progress) -> None:
+    manager = app.backups
+    started = time.monotonic()
+    key = await manager.start_create(args.name or None)
+    progress.step(f"Creating {key} ({manager.storage().describe()['kind']} storage)")
+    while manager.active is not None and manager.active.bytes_total == 0:
+        await asyncio.sleep(0.05)  # the job lists its files first
+    if manager.active is not None:
+        progress.step("Writing the archive", manager.active.bytes_total)
+    await _follow(manager, progress, manager.wait())
+    last = manager.last or {}
+    if last.get("key") != key or not last.get("ok"):
+        raise Failure(f"The backup failed: {last.get('error') or 'unknown error'}")
+    info = await manager.stat(key)
+    size = f", {_mb(info.size)}" if info is not None else ""
+    progress.done(f"Done in {time.monotonic() - started:.1f} s.")
+    print(f"Created {key}{size}")
+
+
+async def verify_backup(app: App, args: argparse.Namespace, progress: Progress) -> None:
+    labels = {"fetch": "Downloading", "extract": "Extracting and checking"}
+    current = {"step": ""}
+
+    def report(step: str, done: int, total: int) -> None:
+        if step != current["step"]:
+            current["step"] = step
+            progress.step(labels.get(step, step), total)
+        progress.update(done, total)
+
+    try:
+        result = await app.backups.verify(args.key, report)
+    except archive.ArchiveError as exc:
+        progress.done()
+        raise Failure(f"{args.key} is NOT a valid backup: {exc}") from None
+    checks = "manifest checksums, " if result["manifest"] else "no manifest (a PocketBase-style zip); "
+    files = f"{result['files']} files, " if result["files"] is not None else ""
+    progress.done()
+    print(f"{args.key} is a valid backup: {files}{_mb(result['bytes'])}; {checks}databases pass integrity_check.")
+
+
+async def delete_backup(app: App, args: argparse.Namespace, progress: Progress) -> None:
+    async with _job_lock(app):
+        await app.backups.delete(args.key)
+    print(f"Deleted {args.key}")
+
+
+async def prune_backups(app: App, args: argparse.Namespace, progress: Progress) -> None:
+    prefix = "" if args.all else AUTO_PREFIX
+    async with _job_lock(app):
+        deleted = await app.backups.prune(args.keep, prefix)
+    for key in deleted:
+        print(f"Deleted {key}")
+    kind = "backups" if args.all else "scheduled (@auto_) backups"
+    progress.line(f"Kept the newest {args.keep} {kind}; deleted {len(deleted)}.")
+
+
+class _job_lock:
+    """The backup lock for a short CLI job (delete, prune)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def __aenter__(self) -> None:
+        if not self.app.backups.lock.try_job():
+            raise Busy()
+
+    async def __aexit__(self, *_: Any) -> None:
+        self.app.backups.lock.release_job()
+
+
+async def restore_backup(data_dir: str, args: argparse.Namespace, progress: Progress) -> None:
+    """Restore with no server running: extract and verify, swap, then open the new data (the
+    old data is put back if it does not open)."""
+    app = App(data_dir)
+    lock = app.backups.lock
+    if not lock.try_exclusive():
+        raise Failure(SERVER_RUNNING.replace("{key}", args.key))
+    try:
+        ready = await _prepare_restore(app, args.key, progress)
+        progress.step("Swapping the data")
+        await asyncio.to_thread(restore.swap_in, app.datadir.root, ready.new_dir, ready.key, ready.started_at)
+        progress.step("Opening the restored data")
+        async with opened(data_dir) as restored:  # commits the swap, or rolls it back
+            outcome = restored.backups.last
+    finally:
+        lock.release_exclusive()
+    if outcome is None or not outcome.get("ok"):
+        reason = (outcome or {}).get("error") or "unknown error"
+        raise Failure(f"The restored data did not open; the previous data was put back: {reason}")
+    progress.done("Done.")
+    print(f"Restored {args.key}")
+
+
+async def _prepare_restore(app: App, key: str, progress: Progress) -> RestoreReady:
+    ready: list[RestoreReady] = []
+
+    async def keep(prepared: RestoreReady) -> None:
+        ready.append(prepared)
+
+    await app.open()
+    try:
+        manager = app.backups
+        manager.on_restore_ready = keep
+        await manager.start_restore(key)
+        progress.step(f"Fetching, extracting and verifying {key}")
+        await _follow(manager, progress, manager.wait())
+        if not ready:
+            last = manager.last or {}
+            raise Failure(f"The backup was refused; nothing was changed: {last.get('error') or 'unknown error'}")
+    finally:
+        await app.close()  # the databases are closed before the swap; the job lock stays taken
+    return ready[0]
+
+
+# --- wiring --------------------------------------------------------------------------------------
+
+
+Command = Callable[[App, argparse.Namespace, Progress], Awaitable[None]]
+COMMANDS: dict[str, Command] = {"list": list_backups, "create": create_backup, "verify": verify_backup,
+                                "delete": delete_backup, "prune": prune_backups}
+
+
+def add_parser(commands: Any, default_dir: str) -> None:
+    backup = commands.add_parser("backup", help="list, create, verify, restore, delete and prune backups",
+                                 description="Manage backups (local or S3, per the saved settings).")
+    actions = backup.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", default=default_dir, help=f"the data directory (default {default_dir})")
+    listing = actions.add_parser("list", parents=[common], help="list the backups")
+    listing.add_argument("--json", action="store_true", help="as JSON, as the API's list")
+    create = actions.add_parser("create", parents=[common], help="create a backup")
+    create.add_argument("--name", help="the backup name (default: pb_backup_<app>_<UTC timestamp>.zip)")
+    for name, text in (("restore", "restore a backup (the server must be stopped)"),
+                       ("verify", "check a backup without restoring it"),
+                       ("delete", "delete a backup")):
+        action = actions.add_parser(name, parents=[common], help=text)
+        action.add_argument("key")
+    prune = actions.add_parser("prune", parents=[common], help="delete all but the newest scheduled backups")
+    prune.add_argument("--keep", type=int, required=True, metavar="N", help="how many to keep (0: delete all)")
+    prune.add_argument("--all", action="store_true", help="consider every backup, not only the scheduled ones")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Failures are reported once, as "Error: ..." lines; library warnings still show.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("server.backups").setLevel(logging.CRITICAL)
+    progress = Progress()
+    if getattr(args, "keep", 0) is not None and getattr(args, "keep", 0) < 0:
+        print("--keep must be 0 or more", file=sys.stderr)
+        return 2
+    try:
+        if not Path(args.dir).is_dir():
+            raise Failure(f"No data directory at {args.dir}")
+        if args.action == "restore":
+            asyncio.run(restore_backup(args.dir, args, progress))
+        else:
+            asyncio.run(_with_app(args, progress))
+    except Failure as exc:
+        progress.line(f"Error: {exc}")
+        return 1
+    except Busy:
+        progress.line(f"Error: {BUSY_MESSAGE}")
+        return 1
+    except ApiError as exc:
+        progress.line(f"Error: {describe_error(exc)}")
+        return 1
+    except KeyboardInterrupt:
+        progress.line("Interrupted; nothing was published.")
+        return 130
+    except Exception as exc:  # an unexpected failure: its reason, without a traceback
+        progress.line(f"Error: {describe_error(exc)}")
+        return 1
+    return 0
+
+
+async def _with_app(args: argparse.Namespace, progress: Progress) -> None:
+    async with opened(args.dir) as app:
+        await app.logs.prepare()  # what the CLI does is logged in auxiliary.db too
+        try:
+            await COMMANDS[args.action](app, args, progress)
+        except NotFound:
+            raise Failure(f"No backup named {getattr(args, 'key', '')!r}") from None
+        finally:
+            await app.logs.flush()
+
