@@ -7,6 +7,7 @@ so reads see the last committed state and never wait for a writer.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import sqlite3
@@ -60,12 +61,35 @@ class Transaction:
         return rows[0] if rows else None
 
 
+class LiveFile(io.RawIOBase):
+    """Reads a database's main file through a descriptor that its ``Database`` keeps open for as
+    long as the database is open; closing this object leaves that descriptor open."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.pread(self._fd, len(buffer), self._position)
+        buffer[:len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def fileno(self) -> int:
+        return self._fd
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self._file_fd: int | None = None
 
     async def open(self) -> None:
         self._writer = await _connect(self.path)
@@ -76,6 +100,22 @@ class Database:
             if conn is not None:
                 await conn.close()
         self._reader = self._writer = None
+        if self._file_fd is not None:  # only now: SQLite holds no lock on the file any more
+            os.close(self._file_fd)
+            self._file_fd = None
+
+    def open_file(self) -> LiveFile:
+        """The main database file, for reading a pinned snapshot (see ``snapshot``).
+
+        Never ``open()`` the live file in this process: POSIX drops every lock a process holds
+        on a file when it closes *any* descriptor of that file, and SQLite's locks on it belong
+        to this process. Reading it through a plain ``open()``/``close()`` would silently release
+        them; another process closing its connection would then believe it was the last one,
+        checkpoint and delete the WAL under our connections. So the file is read through one
+        descriptor, opened once and closed only after the connections (``close``)."""
+        if self._file_fd is None:
+            self._file_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        return LiveFile(self._file_fd)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

@@ -507,3 +507,33 @@ def test_a_stray_file_where_the_restore_works_is_neither_fatal_nor_in_the_way(fr
     assert set(notes(api, login(fresh_server))) == old_ids
     assert not stray.exists()
     api.close()
+
+
+# --- the server's SQLite locks survive a backup ----------------------------------------------
+
+
+def test_after_a_backup_another_process_cannot_take_the_wal_from_under_the_server(fresh_server: ServerProcess) -> None:
+    """The backup reads the live database files. Reading them through a plain open()/close() in
+    the server's process would drop SQLite's POSIX locks on them (POSIX releases a process's locks
+    on a file when any of its descriptors of that file is closed). Another process that then
+    closes its own connection would think it was the last one, checkpoint and delete the WAL under
+    the server: "disk I/O error" at best, lost writes at worst."""
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    make_notes(api, su)
+    add_note(api, su, "before", 1)
+    backup(fresh_server, "first.zip")
+    backup(fresh_server, "second.zip")
+    for db in ("data.db", "auxiliary.db"):
+        wal = fresh_server.data_dir / f"{db}-wal"
+        assert wal.exists()
+        other = sqlite3.connect(fresh_server.data_dir / db)  # another process: the CLI, a sqlite3 shell
+        other.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        other.close()
+        assert wal.exists(), f"{db}-wal was deleted under the running server"
+    for n in range(2, 12):
+        add_note(api, su, f"after {n}", n)
+    backup(fresh_server, "third.zip")
+    assert len(notes(api, su)) == 11
+    assert wait_idle(fresh_server)["ok"]
+    api.close()

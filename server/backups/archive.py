@@ -61,6 +61,11 @@ class Cancelled(ArchiveError):
 class Source:
     arcname: str
     path: Path
+    # How to read it, when a plain open() must not be used (a live database: Database.open_file).
+    opener: Callable[[], IO[bytes]] | None = None
+
+    def open(self) -> IO[bytes]:
+        return self.opener() if self.opener is not None else open(self.path, "rb")
 
 
 def is_excluded(relative: PurePosixPath) -> bool:
@@ -107,7 +112,7 @@ class ArchiveWriter:
         """Add one file; with ``missing_ok`` a file deleted meanwhile is left out."""
         faults.gate("backup-write")
         try:
-            handle = open(source.path, "rb")
+            handle = source.open()
         except FileNotFoundError:
             if missing_ok:
                 return

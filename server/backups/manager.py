@@ -380,7 +380,8 @@ class BackupManager:
                 data_db = await snapshots.enter_async_context(self.db.snapshot(self.datadir.temp))
                 aux_db = await snapshots.enter_async_context(self.aux_db.snapshot(self.datadir.temp))
                 files = await asyncio.to_thread(archive.collect_files, self.datadir.root)
-                databases = [archive.Source("data.db", data_db), archive.Source("auxiliary.db", aux_db)]
+                databases = [_database_source("data.db", self.db, data_db),
+                             _database_source("auxiliary.db", self.aux_db, aux_db)]
                 job.bytes_total = sum(await asyncio.to_thread(_sizes, databases + files))
                 for source in databases:
                     await asyncio.to_thread(zipper.add, source)
@@ -554,6 +555,11 @@ def _age_order(info: FileInfo) -> tuple[str, int, datetime]:
 def _name_exists() -> ValidationError:
     return ValidationError({"file": field_error("validation_backup_name_exists",
                                                 "Backup file with the specified name already exists.")})
+
+
+def _database_source(arcname: str, db: Database, snapshot: Path) -> archive.Source:
+    """The live file itself is read through the database's own descriptor (``Database.open_file``)."""
+    return archive.Source(arcname, snapshot, db.open_file if snapshot == db.path else None)
 
 
 def _sizes(sources: list[archive.Source]) -> list[int]:
