@@ -282,6 +282,25 @@ def gated(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     server.stop()
 
 
+def hold_mid_backup(api: Api, su: dict[str, str], gate: Path, name: str, at_least: int) -> None:
+    """Start a backup and hold it (at the start of an archive entry) once it has written
+    ``at_least`` bytes: more than one S3 part is out, more is to come."""
+    gate.touch()
+    assert api.http.post("/api/backups", headers=su, json={"name": name}).status_code == 204
+    deadline = time.monotonic() + 30
+    while api.http.get("/api/backups/status", headers=su).json()["active"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    gate.unlink()  # let the first entries through, then hold it again
+    while api.http.get("/api/backups/status", headers=su).json()["active"]["bytesDone"] < at_least:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    gate.touch()
+    time.sleep(0.3)
+    active = api.http.get("/api/backups/status", headers=su).json()["active"]
+    assert active["key"] == name and active["bytesDone"] < active["bytesTotal"]
+
+
 def test_a_backup_in_progress_is_invisible_and_a_stopped_server_leaves_nothing(gated: Any) -> None:
     server, store, gate = gated
     api = Api(server)
@@ -290,21 +309,7 @@ def test_a_backup_in_progress_is_invisible_and_a_stopped_server_leaves_nothing(g
     for i in range(3):
         add_note(api, su, f"n{i}", i, os.urandom(6 << 20))
 
-    gate.touch()
-    assert api.http.post("/api/backups", headers=su, json={"name": "held.zip"}).status_code == 204
-    deadline = time.monotonic() + 30
-    while api.http.get("/api/backups/status", headers=su).json()["active"] is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    # Let it write a few entries (more than one S3 part), then hold it again.
-    gate.unlink()
-    while api.http.get("/api/backups/status", headers=su).json()["active"]["bytesDone"] < 10 << 20:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    gate.touch()
-    time.sleep(0.3)
-    active = api.http.get("/api/backups/status", headers=su).json()["active"]
-    assert active["key"] == "held.zip" and active["bytesDone"] < active["bytesTotal"]
+    hold_mid_backup(api, su, gate, "held.zip", 10 << 20)
     assert store.unfinished() == 1  # being written (S3: a multipart upload with parts in it) ...
     assert store.keys() == []  # ... and not visible
     assert api.http.get("/api/backups", headers=su).json() == []
@@ -395,20 +400,7 @@ def test_s3_stopped_mid_backup_fails_cleanly_and_the_next_backup_succeeds(tmp_pa
         for i in range(4):
             add_note(api, su, f"n{i}", i, os.urandom(8 << 20))
 
-        gate.touch()
-        assert api.http.post("/api/backups", headers=su, json={"name": "doomed.zip"}).status_code == 204
-        deadline = time.monotonic() + 30
-        while api.http.get("/api/backups/status", headers=su).json()["active"] is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        gate.unlink()  # let the first entries through, so that parts are uploaded, then hold it again
-        while api.http.get("/api/backups/status", headers=su).json()["active"]["bytesDone"] < 12 << 20:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        gate.touch()
-        time.sleep(0.3)
-        active = api.http.get("/api/backups/status", headers=su).json()["active"]
-        assert active["key"] == "doomed.zip" and active["bytesDone"] < active["bytesTotal"]
+        hold_mid_backup(api, su, gate, "doomed.zip", 12 << 20)
         assert store.unfinished() == 1
         s3.stop()  # the endpoint goes away with parts uploaded and more to come
         gate.unlink()
