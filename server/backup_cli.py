@@ -15,15 +15,18 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 from .app import App, opened
 from .backups import archive, restore
 from .backups.manager import AUTO_PREFIX, BUSY_MESSAGE, Busy, BackupManager, RestoreReady, describe_error
+from .datadir import DataDir
 from .errors import ApiError, NotFound
 from .tools.times import format_datetime
 
@@ -97,11 +100,14 @@ class Progress:
 async def _follow(manager: BackupManager, progress: Progress, work: Awaitable[Any]) -> Any:
     """Await ``work`` while showing the manager's job progress."""
     task = asyncio.ensure_future(work)
+    job = manager.active
     while not task.done():
-        job = manager.active
+        job = manager.active or job
         if job is not None:
             progress.update(job.bytes_done, job.bytes_total)
         await asyncio.wait({task}, timeout=0.2)
+    if job is not None:  # where the job ended (the bar would otherwise stop at its last poll)
+        progress.update(job.bytes_done, job.bytes_total)
     return task.result()
 
 
@@ -206,6 +212,8 @@ async def restore_backup(data_dir: str, args: argparse.Namespace, progress: Prog
         progress.step("Opening the restored data")
         async with opened(data_dir) as restored:  # commits the swap, or rolls it back
             outcome = restored.backups.last
+            await restored.logs.prepare()  # "Backup restored" (or its failure), as a server logs it
+            await restored.logs.flush()
     finally:
         lock.release_exclusive()
     if outcome is None or not outcome.get("ok"):
@@ -223,6 +231,7 @@ async def _prepare_restore(app: App, key: str, progress: Progress) -> RestoreRea
 
     await app.open()
     try:
+        await app.logs.prepare()  # a refused restore is logged, as by a server
         manager = app.backups
         manager.on_restore_ready = keep
         await manager.start_restore(key)
@@ -232,6 +241,7 @@ async def _prepare_restore(app: App, key: str, progress: Progress) -> RestoreRea
             last = manager.last or {}
             raise Failure(f"The backup was refused; nothing was changed: {last.get('error') or 'unknown error'}")
     finally:
+        await app.logs.flush()
         await app.close()  # the databases are closed before the swap; the job lock stays taken
     return ready[0]
 
@@ -297,8 +307,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _SharedDataDir(DataDir):
+    """``pb_data`` as prepared by a CLI command that may run beside a server: the directories
+    are made, but the temp directory is not emptied (``DataDir.prepare`` does that), since a
+    running server or another CLI may have a job's work in progress there (a backup being
+    written, an upload, a restore being extracted)."""
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.storage.mkdir(exist_ok=True)
+        for directory in (self.backups, self.temp):
+            directory.mkdir(exist_ok=True)
+            os.chmod(directory, 0o700)  # as DataDir.prepare: owner only
+
+
+@asynccontextmanager
+async def _opened_beside_others(data_dir: str) -> AsyncIterator[App]:
+    """``opened``, without wiping the temp directory of another process."""
+    app = App(data_dir)
+    app.datadir = _SharedDataDir(app.datadir.root)  # only ``App.open`` calls ``prepare``
+    await app.open()
+    try:
+        yield app
+    finally:
+        await app.close()
+
+
 async def _with_app(args: argparse.Namespace, progress: Progress) -> None:
-    async with opened(args.dir) as app:
+    async with _opened_beside_others(args.dir) as app:
         await app.logs.prepare()  # what the CLI does is logged in auxiliary.db too
         try:
             await COMMANDS[args.action](app, args, progress)
