@@ -25,6 +25,7 @@ from .settings import Settings
 
 logger = logging.getLogger("server")
 AUTO_BACKUP_JOB = "__pbAutoBackup__"
+DIR_IN_USE = "another process (a restore from the command line) is using this data directory"
 
 
 @asynccontextmanager
@@ -57,9 +58,33 @@ class App:
         If a restore swapped new data in before the process re-executed, this is its first boot:
         the old data is deleted if the new data opens, and put back if it does not."""
         root = self.datadir.root
-        outcome = await asyncio.to_thread(restore.interrupted, root) if root.exists() else None
-        journal = await asyncio.to_thread(restore.pending, root) if root.exists() else None
-        await asyncio.to_thread(self.datadir.prepare)
+        # Start-up maintenance (emptying the temp directory, finishing a restore's swap) needs the
+        # backup lock: another process (the CLI, or a server) may have a job in progress here.
+        maintenance = await self._maintenance_lock()
+        try:
+            await self._open_maintained(root, maintenance)
+        finally:
+            if maintenance and self.backups.active is None:
+                self.backups.lock.release_job()
+
+    async def _maintenance_lock(self) -> bool:
+        """Take the backup lock for start-up maintenance. If another process holds it and a
+        restore's swap awaits its end here, wait for that process (it is finishing the restore);
+        otherwise go on without maintenance."""
+        lock = self.backups.lock
+        deadline = asyncio.get_running_loop().time() + 60
+        while not lock.try_job():
+            if restore.read_journal(self.datadir.root) is None:
+                return False
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError("a restore in progress in another process holds the data directory")
+            await asyncio.sleep(0.1)
+        return True
+
+    async def _open_maintained(self, root: Path, maintenance: bool) -> None:
+        outcome = await asyncio.to_thread(restore.interrupted, root) if maintenance and root.exists() else None
+        journal = await asyncio.to_thread(restore.pending, root) if maintenance and root.exists() else None
+        await asyncio.to_thread(self.datadir.prepare, maintenance)
         try:
             if journal is not None:
                 faults.raise_point("restore-boot")
@@ -90,7 +115,7 @@ class App:
     async def start(self) -> None:
         """``open`` plus the background work of a serving process: log writer and scheduler."""
         if not self.backups.lock.hold_server():
-            raise RuntimeError("another process (a restore from the command line) is using this data directory")
+            raise RuntimeError(DIR_IN_USE)
         await self.open()
         await self.logs.start()
         self._register_system_jobs()

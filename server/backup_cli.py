@@ -15,18 +15,15 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from .app import App, opened
 from .backups import archive, restore
 from .backups.manager import AUTO_PREFIX, BUSY_MESSAGE, Busy, BackupManager, RestoreReady, describe_error
-from .datadir import DataDir
 from .errors import ApiError, NotFound
 from .tools.times import format_datetime
 
@@ -277,7 +274,8 @@ def add_parser(commands: Any, default_dir: str) -> None:
 def run(args: argparse.Namespace) -> int:
     # Failures are reported once, as "Error: ..." lines; library warnings still show.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.getLogger("server.backups").setLevel(logging.CRITICAL)
+    logging.getLogger("server").setLevel(logging.CRITICAL)  # (its errors are the "Error:" line)
+    logging.getLogger("server.storage").setLevel(logging.WARNING)
     progress = Progress()
     if getattr(args, "keep", 0) is not None and getattr(args, "keep", 0) < 0:
         print("--keep must be 0 or more", file=sys.stderr)
@@ -307,34 +305,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _SharedDataDir(DataDir):
-    """``pb_data`` as prepared by a CLI command that may run beside a server: the directories
-    are made, but the temp directory is not emptied (``DataDir.prepare`` does that), since a
-    running server or another CLI may have a job's work in progress there (a backup being
-    written, an upload, a restore being extracted)."""
-
-    def prepare(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.storage.mkdir(exist_ok=True)
-        for directory in (self.backups, self.temp):
-            directory.mkdir(exist_ok=True)
-            os.chmod(directory, 0o700)  # as DataDir.prepare: owner only
-
-
-@asynccontextmanager
-async def _opened_beside_others(data_dir: str) -> AsyncIterator[App]:
-    """``opened``, without wiping the temp directory of another process."""
-    app = App(data_dir)
-    app.datadir = _SharedDataDir(app.datadir.root)  # only ``App.open`` calls ``prepare``
-    await app.open()
-    try:
-        yield app
-    finally:
-        await app.close()
-
-
 async def _with_app(args: argparse.Namespace, progress: Progress) -> None:
-    async with _opened_beside_others(args.dir) as app:
+    async with opened(args.dir) as app:  # (it leaves the temp work of a job elsewhere alone)
         await app.logs.prepare()  # what the CLI does is logged in auxiliary.db too
         try:
             await COMMANDS[args.action](app, args, progress)

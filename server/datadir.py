@@ -35,13 +35,15 @@ class DataDir:
     def record_dir(self, collection_id: str, record_id: str) -> Path:
         return self.storage / collection_id / record_id
 
-    def prepare(self) -> None:
-        """Create the directories and empty the temp one (blocking: call before serving)."""
+    def prepare(self, empty_temp: bool = True) -> None:
+        """Create the directories and empty the temp one (blocking: call before serving).
+
+        ``empty_temp=False`` while another process may have work in progress there."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(exist_ok=True)
         self.backups.mkdir(exist_ok=True)
         os.chmod(self.backups, 0o700)  # backups hold everything: owner only
-        if self.temp.exists():
+        if empty_temp and self.temp.exists():
             shutil.rmtree(self.temp, ignore_errors=True)
         self.temp.mkdir(exist_ok=True)
         os.chmod(self.temp, 0o700)

@@ -13,7 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from .api import create_asgi_app
-from .app import App
+from .app import DIR_IN_USE, App
 from .backups import RestoreReady
 from .backups.restore import Outcome, read_journal, swap_in
 
@@ -81,6 +81,8 @@ def serve(address: str, data_dir: str) -> None:
         raise SystemExit(f"Error: cannot listen on {address}: {reason}") from None
     # uvicorn closes its socket when it stops; this duplicate keeps the port listening (clients
     # queue in the backlog) while a restore swaps the data and the process re-executes itself.
+    if not core.backups.lock.hold_server():  # (App.start holds it; said here without a traceback)
+        raise SystemExit(f"Error: {DIR_IN_USE}")
     keep_fd = os.dup(sock.fileno())
     os.set_inheritable(keep_fd, True)
     restore_error = os.environ.pop(RESTORE_ERROR_ENV, None)

@@ -572,6 +572,39 @@ def test_a_cli_restore_keeps_a_server_from_starting(data_dir: Path, gated: tuple
         server.stop()
 
 
+def test_a_server_starting_during_a_cli_backup_leaves_its_work_alone(data_dir: Path,
+                                                                    gated: tuple[Path, dict[str, str]]) -> None:
+    """A starting server empties the temp directory only when no job runs anywhere: the CLI's
+    backup in progress there survives it (and so does the reverse, a CLI beside a server)."""
+    gate, env = gated
+    gate.touch()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "backup", "create", "--name", "beside.zip", "--dir", str(data_dir)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    server = ServerProcess(data_dir)
+    try:
+        wait_for(lambda: any(name.startswith("upload_") for name in temp_entries(data_dir)),
+                 what="the CLI backup to be writing")
+        server.start()
+        assert any(name.startswith("upload_") for name in temp_entries(data_dir))  # left alone
+        su = login(server)
+        assert httpx.get(server.url + "/api/health", headers=su, timeout=10).json()["data"]["canBackup"] is False
+        gate.unlink()
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert stdout.startswith("Created beside.zip")
+        with zipfile.ZipFile(data_dir / "backups" / "beside.zip") as archive:
+            assert archive.testzip() is None
+        response = httpx.get(server.url + "/api/backups", headers=su, timeout=10)
+        assert [b["key"] for b in response.json()] == ["beside.zip"]
+        assert temp_entries(data_dir) == []
+    finally:
+        gate.unlink(missing_ok=True)
+        if process.poll() is None:
+            process.kill()
+        server.stop()
+
+
 def test_cli_runs_after_a_server_backup_still_see_the_servers_writes(data_dir: Path) -> None:
     """A server that has made a backup still holds its SQLite locks, so a CLI closing its
     connections leaves the server's WAL alone, and a CLI backup holds the server's latest writes."""
