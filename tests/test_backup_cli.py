@@ -509,8 +509,10 @@ def test_the_cli_and_a_server_never_run_two_jobs_at_once(data_dir: Path, gated: 
             [sys.executable, "-m", "server", "backup", "create", "--name", "held.zip", "--dir", str(data_dir)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
         try:
-            wait_for(lambda: api.http.get("/api/health", headers=su).json()["data"]["canBackup"] is False,
-                     what="the CLI to hold the lock")
+            # In the job (writing its archive), not just opening the data (which takes the lock briefly).
+            wait_for(lambda: any(name.startswith("upload_") for name in temp_entries(data_dir)),
+                     what="the CLI backup to be writing")
+            assert api.http.get("/api/health", headers=su).json()["data"]["canBackup"] is False
             response = api.http.post("/api/backups", headers=su, json={"name": "refused.zip"})
             assert response.status_code == 400 and response.json()["message"] == BUSY
             response = api.http.post("/api/backups/upload", headers=su,

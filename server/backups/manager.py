@@ -469,8 +469,7 @@ class BackupManager:
         of the databases), then deleted. ``ArchiveError`` says why it is not restorable; returns
         ``{"files", "bytes", "manifest"}``. ``progress(step, done, total)`` follows the work."""
         storage = self.storage()
-        with _storage_failure("Failed to retrieve the backup file."):
-            info = await self.stat(key)
+        info = await self.stat(key)
         if info is None:
             raise NotFound("Missing backup file.")
         work = self.datadir.temp / f"verify_{random_string(10)}"
@@ -543,13 +542,18 @@ def _storage_failure(action: str) -> Iterator[None]:
         raise BadRequest(f"{action} Reason: {exc}.") from exc
 
 
-def _age_order(info: FileInfo) -> tuple[str, int, datetime]:
-    """Oldest first: the UTC timestamp in the name (and its ``_N`` suffix for backups of the same
-    second), then the modified time for names without one."""
+def _age_order(info: FileInfo) -> tuple[datetime, int]:
+    """Oldest first: the UTC timestamp in the name (with its ``_N`` suffix for backups of the same
+    second) where there is one, else the modified time (a manual name, with ``prune --all``)."""
     match = _AUTO_ORDER_RE.search(info.key)
-    if match is None:
-        return ("", 0, info.modified)
-    return (match.group(1), int(match.group(2) or 1), info.modified)
+    if match is not None:
+        try:
+            stamp = datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+        except ValueError:
+            pass
+        else:
+            return (stamp, int(match.group(2) or 1))
+    return (info.modified, 0)
 
 
 def _name_exists() -> ValidationError:
