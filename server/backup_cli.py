@@ -102,7 +102,7 @@ async def _follow(manager: BackupManager, progress: Progress, work: Awaitable[An
         job = manager.active or job
         if job is not None:
             progress.update(job.bytes_done, job.bytes_total)
-        await asyncio.wait({task}, timeout=0.2)
+        await asyncio.wait({task}, timeout=0.1)
     if job is not None:  # where the job ended (the bar would otherwise stop at its last poll)
         progress.update(job.bytes_done, job.bytes_total)
     return task.result()
@@ -129,11 +129,12 @@ async def create_backup(app: App, args: argparse.Namespace, progress: Progress) 
     manager = app.backups
     started = time.monotonic()
     key = await manager.start_create(args.name or None)
+    job = manager.active  # kept: a small backup may be over before the first look at it
     progress.step(f"Creating {key} ({manager.storage().describe()['kind']} storage)")
-    while manager.active is not None and manager.active.bytes_total == 0:
-        await asyncio.sleep(0.05)  # the job lists its files first
-    if manager.active is not None:
-        progress.step("Writing the archive", manager.active.bytes_total)
+    while manager.active is job and job is not None and job.bytes_total == 0:
+        await asyncio.sleep(0.01)  # the job lists its files first
+    if job is not None and job.bytes_total:
+        progress.step("Writing the archive", job.bytes_total)
     await _follow(manager, progress, manager.wait())
     last = manager.last or {}
     if last.get("key") != key or not last.get("ok"):

@@ -262,8 +262,9 @@ def test_progress_off_a_terminal_is_a_plain_line_per_step(big_dir: Path) -> None
     lines = result.stderr.splitlines()
     assert lines[0] == "Creating plain.zip (local storage) ..."
     assert re.fullmatch(r"Writing the archive \(4\d\.\d MB\) \.\.\.", lines[1]), lines
-    percents = [line for line in lines if re.fullmatch(r"  (25|50|75)%: [\d.]+ MB of 4\d\.\d MB, [\d.]+ MB/s", line)]
-    assert percents, lines
+    # Between the step lines, a line per quarter seen while the job runs (a fast one may show none).
+    for line in lines[2:-1]:
+        assert re.fullmatch(r"  (25|50|75)%: [\d.]+ MB of 4\d\.\d MB, [\d.]+ MB/s", line), lines
     assert re.fullmatch(r"Done in [\d.]+ s\.", lines[-1]), lines
     assert result.stdout.startswith("Created plain.zip, 4")
 

@@ -282,23 +282,18 @@ def gated(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     server.stop()
 
 
-def hold_mid_backup(api: Api, su: dict[str, str], gate: Path, name: str, at_least: int) -> None:
-    """Start a backup and hold it (at the start of an archive entry) once it has written
-    ``at_least`` bytes: more than one S3 part is out, more is to come."""
-    gate.touch()
+def hold_mid_backup(api: Api, su: dict[str, str], gate: Path, name: str, entries: int) -> None:
+    """Start a backup and hold it at the start of archive entry ``entries + 1`` (the gate lets
+    ``entries`` through): more than one S3 part is out, more is to come."""
+    gate.write_text(str(entries))
     assert api.http.post("/api/backups", headers=su, json={"name": name}).status_code == 204
     deadline = time.monotonic() + 30
-    while api.http.get("/api/backups/status", headers=su).json()["active"] is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    gate.unlink()  # let the first entries through, then hold it again
-    while api.http.get("/api/backups/status", headers=su).json()["active"]["bytesDone"] < at_least:
+    while gate.read_text() != "0":
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    gate.touch()
     time.sleep(0.3)
     active = api.http.get("/api/backups/status", headers=su).json()["active"]
-    assert active["key"] == name and active["bytesDone"] < active["bytesTotal"]
+    assert active["key"] == name and 0 < active["bytesDone"] < active["bytesTotal"]
 
 
 def test_a_backup_in_progress_is_invisible_and_a_stopped_server_leaves_nothing(gated: Any) -> None:
@@ -309,7 +304,7 @@ def test_a_backup_in_progress_is_invisible_and_a_stopped_server_leaves_nothing(g
     for i in range(3):
         add_note(api, su, f"n{i}", i, os.urandom(6 << 20))
 
-    hold_mid_backup(api, su, gate, "held.zip", 10 << 20)
+    hold_mid_backup(api, su, gate, "held.zip", 4)  # data.db, auxiliary.db and two 6 MB files
     assert store.unfinished() == 1  # being written (S3: a multipart upload with parts in it) ...
     assert store.keys() == []  # ... and not visible
     assert api.http.get("/api/backups", headers=su).json() == []
@@ -400,7 +395,7 @@ def test_s3_stopped_mid_backup_fails_cleanly_and_the_next_backup_succeeds(tmp_pa
         for i in range(4):
             add_note(api, su, f"n{i}", i, os.urandom(8 << 20))
 
-        hold_mid_backup(api, su, gate, "doomed.zip", 12 << 20)
+        hold_mid_backup(api, su, gate, "doomed.zip", 4)  # data.db, auxiliary.db and two 8 MB files
         assert store.unfinished() == 1
         s3.stop()  # the endpoint goes away with parts uploaded and more to come
         gate.unlink()

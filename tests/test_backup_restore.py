@@ -238,11 +238,15 @@ def test_restore_of_a_pocketbase_style_zip_without_manifest(fresh_server: Server
 # --- consistency under concurrent writes ---------------------------------------------------
 
 
-def test_snapshot_under_concurrent_writes_restores_a_gap_free_prefix(fresh_server: ServerProcess) -> None:
+def test_snapshot_under_concurrent_writes_restores_a_gap_free_prefix(faulty_server: ServerProcess) -> None:
+    gate = faulty_server.data_dir.parent / "gate"
+    faulty_server.env.update(PB_FAULTS="gate:backup-write", PB_FAULTS_GATE=str(gate))
+    faulty_server.start()
+    fresh_server = faulty_server
     api = Api(fresh_server)
     su = login(fresh_server)
     make_notes(api, su)
-    # Enough data that the backup takes a while: incompressible files in storage.
+    # Incompressible files in storage: the job is held after two of them (the gate below).
     for i in range(12):
         add_note(api, su, f"bulk {i}", -1 - i, os.urandom(2 << 20))
 
@@ -268,8 +272,18 @@ def test_snapshot_under_concurrent_writes_restores_a_gap_free_prefix(fresh_serve
     while len(written) < 20:
         time.sleep(0.01)
     at_start = len(written)
+    gate.write_text("4")  # hold the job (after the databases and two files) while the writer goes on
     response = api.http.post("/api/backups", headers=su, json={"name": "busy.zip"})
     assert response.status_code == 204
+    deadline = time.monotonic() + 30
+    while gate.read_text() != "0":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    held_at = len(written)
+    while len(written) < held_at + 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    gate.unlink()
     last = wait_idle(fresh_server)
     at_end = len(written)
     stop.set()
@@ -377,15 +391,29 @@ def test_a_failed_backup_is_reported_logged_and_releases_the_lock(fresh_server: 
     api.close()
 
 
-def test_stopping_the_server_during_a_backup_leaves_nothing_listed(fresh_server: ServerProcess) -> None:
+def test_stopping_the_server_during_a_backup_leaves_nothing_listed(faulty_server: ServerProcess) -> None:
+    gate = faulty_server.data_dir.parent / "gate"
+    faulty_server.env.update(PB_FAULTS="gate:backup-write", PB_FAULTS_GATE=str(gate))
+    faulty_server.start()
+    fresh_server = faulty_server
     api = Api(fresh_server)
     su = login(fresh_server)
     make_notes(api, su)
     for i in range(15):
         add_note(api, su, f"bulk {i}", i, os.urandom(2 << 20))
+    gate.write_text("5")  # the databases and three files go in, then the job waits
     assert api.http.post("/api/backups", headers=su, json={"name": "cut.zip"}).status_code == 204
-    fresh_server.stop()  # SIGTERM while the zip is being written
+    deadline = time.monotonic() + 30
+    while gate.read_text() != "0":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stopper = threading.Thread(target=fresh_server.stop)  # SIGTERM while the zip is being written
+    stopper.start()
+    time.sleep(0.5)
+    gate.unlink()
+    stopper.join()
     assert not (fresh_server.data_dir / "backups" / "cut.zip").exists()
+    assert list((fresh_server.data_dir / ".pb_temp_to_delete").iterdir()) == []  # discarded on the way out
     fresh_server.start()
     su = login(fresh_server)
     assert api.http.get("/api/backups", headers=su).json() == []

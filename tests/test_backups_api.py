@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Api, ServerProcess, auth, unique
+from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, ServerProcess, auth, run_cli, unique
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 MANIFEST = "pb_backup_manifest.json"
@@ -124,7 +124,7 @@ def raw_request(server: ServerProcess, method: str, target: str, headers: dict[s
 
 
 def fill_storage(server: ServerProcess, megabytes: int) -> None:
-    """Incompressible filler in pb_data/storage, so that a backup takes a noticeable time."""
+    """Incompressible filler in pb_data/storage (about `megabytes` MB)."""
     directory = server.data_dir / "storage" / "filler_collection" / "filler_record"
     directory.mkdir(parents=True, exist_ok=True)
     for index in range(0, megabytes, 8):
@@ -388,9 +388,24 @@ def test_failed_create_is_reported_and_not_listed(api: Api, su: dict[str, str], 
     assert api.http.delete("/api/backups/doomed.zip", headers=su).status_code == 204
 
 
-def test_concurrent_creates_single_flight(fresh_server: ServerProcess, fresh_api: tuple[Api, dict[str, str]]) -> None:
-    api, su = fresh_api
-    fill_storage(fresh_server, 64)  # ~1 s of zipping: longer than the requests below take
+@pytest.fixture()
+def gated_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
+    """A server whose backup jobs wait at each archive entry while the gate file exists."""
+    gate = tmp_path / "gate"
+    run_cli("superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, data_dir=tmp_path / "pb_data")
+    server = ServerProcess(tmp_path / "pb_data", env={"PB_FAULTS": "gate:backup-write", "PB_FAULTS_GATE": str(gate)})
+    server.start()
+    yield server, gate
+    gate.unlink(missing_ok=True)
+    server.stop()
+
+
+def test_concurrent_creates_single_flight(gated_server: tuple[ServerProcess, Path]) -> None:
+    fresh_server, gate = gated_server
+    api = Api(fresh_server)
+    su = auth(api.superuser_token())
+    fill_storage(fresh_server, 64)
+    gate.touch()  # the winner's job waits at its first entry until the checks below are done
     assert api.http.get("/api/health", headers=su).json()["data"]["canBackup"] is True
     names = [f"race_{index:02d}.zip" for index in range(20)]
     barrier = threading.Barrier(len(names))
@@ -415,14 +430,14 @@ def test_concurrent_creates_single_flight(fresh_server: ServerProcess, fresh_api
     health = api.http.get("/api/health", headers=su).json()
     assert health["data"]["canBackup"] is False, health
     active = api.http.get("/api/backups/status", headers=su).json()["active"]
-    assert active is not None, "the backup ended before the checks: make it bigger"
+    assert active is not None
     assert active["op"] == "create" and active["key"] == winner, active
     # bytesTotal is 0 ("not known yet") until the job has listed what it will archive.
     deadline = time.monotonic() + 10
     while active is not None and active["bytesTotal"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
         active = api.http.get("/api/backups/status", headers=su).json()["active"]
-    assert active is not None, "the backup ended before the checks: make it bigger"
+    assert active is not None
     assert DATETIME_RE.match(active["startedAt"]) and active["bytesTotal"] > 64 << 20, active
     assert 0 <= active["bytesDone"] <= active["bytesTotal"]
     assert winner not in listed(api, su)  # not published before it is complete
@@ -431,9 +446,9 @@ def test_concurrent_creates_single_flight(fresh_server: ServerProcess, fresh_api
     assert_error(api.http.post(f"/api/backups/{winner}/restore", headers=su), 400, BUSY, {})
     response = api.http.delete(f"/api/backups/{winner}", headers=su)
     assert_error(response, 400)  # that backup is being created
-    assert api.http.get("/api/backups/status", headers=su).json()["active"] is not None, \
-        "the backup ended before the checks: make it bigger"
+    assert api.http.get("/api/backups/status", headers=su).json()["active"] is not None
 
+    gate.unlink()
     status = wait_idle(api, su)
     assert status["last"]["key"] == winner and status["last"]["ok"] is True, status
     assert api.http.get("/api/health", headers=su).json()["data"]["canBackup"] is True
