@@ -18,10 +18,11 @@ import sqlite3
 import stat
 import threading
 
+import struct
 import urllib.parse
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -30,6 +31,7 @@ from .. import faults
 from ..tools.times import now
 from ..tools.zipstream import Cancelled as ZipCancelled
 from ..tools.zipstream import ZipStream
+from ..tools.zipstream import inflate_lib
 
 MANIFEST = "pb_backup_manifest.json"
 MANIFEST_FORMAT = 1
@@ -301,24 +303,64 @@ def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, 
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except (FileExistsError, IsADirectoryError, NotADirectoryError):
         raise ArchiveError(f"the archive entry {info.filename!r} conflicts with another entry") from None
+    crc = 0
     try:
-        with os.fdopen(fd, "wb") as out, archive.open(info) as entry:
-            while chunk := entry.read(CHUNK):
+        with os.fdopen(fd, "wb") as out:
+            for chunk in _entry_chunks(archive, info):
                 if cancel.is_set():
                     raise Cancelled()
                 size += len(chunk)
                 if size > info.file_size:
                     raise ArchiveError(f"the archive entry {info.filename!r} is larger than it declares")
                 out.write(chunk)
+                crc = zlib.crc32(chunk, crc)
                 digest.update(chunk)
                 progress(len(chunk))
     except ArchiveError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the disk (full, read-only), not the archive
         raise ArchiveError(f"the archive entry {info.filename!r} is damaged") from exc
-    if size != info.file_size:
+    if size != info.file_size or crc != info.CRC:
         raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
     return size, digest.hexdigest()
+
+
+def _entry_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[bytes]:
+    """The content of ``info``, inflated by ISA-L where installed (about twice zlib's speed), at
+    most ``CHUNK`` bytes at a time whatever the compression ratio. The caller checks size and CRC."""
+    handle = archive.fp
+    assert handle is not None
+    handle.seek(info.header_offset)
+    header = handle.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    handle.seek(info.header_offset + 30 + name_length + extra_length)
+    left = info.compress_size
+    inflater = inflate_lib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED else None
+    while left > 0:
+        raw = handle.read(min(CHUNK, left))
+        if not raw:
+            raise ArchiveError(f"the archive entry {info.filename!r} is cut short")
+        left -= len(raw)
+        if inflater is None:
+            yield raw
+            continue
+        data = inflater.decompress(raw, CHUNK)
+        while True:
+            if data:
+                yield data
+            if not inflater.unconsumed_tail:
+                break
+            data = inflater.decompress(inflater.unconsumed_tail, CHUNK)
+    if inflater is not None:
+        tail = inflater.flush()
+        if tail:
+            yield tail
+        if not inflater.eof:
+            raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
 
 
 def check_database(path: Path, name: str) -> None:

@@ -33,6 +33,7 @@ try:
 except ImportError:  # pragma: no cover - isal has wheels for the platforms we run on
     _deflate_lib = zlib  # type: ignore[assignment]
     FAST_DEFLATE = "zlib"
+inflate_lib = _deflate_lib  # ISA-L's inflate: about twice zlib's speed
 
 CHUNK = 1 << 20
 STORED, DEFLATED = 0, 8
