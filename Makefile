@@ -1,5 +1,7 @@
 # `make run` serves on 127.0.0.1:8090 with ./pb_data; `make test` runs the whole suite;
-# `make bench` runs the benchmarks (BENCH_ARGS, e.g. --scale 0.1 for a quick look).
+# `make bench` compares backup, restore, upload and download with PocketBase's on the same data
+# (bench/compare.py); `make bench-s3` measures the server's memory on S3 (bench/s3_memory.py).
+# Both take BENCH_ARGS, e.g. --scale 0.05 for a quick look.
 # Each installs what it needs into .venv (and tests/e2e/node_modules) first.
 
 PYTHON ?= python3
@@ -8,7 +10,7 @@ PY     := $(VENV)/bin/python
 HTTP   ?= 127.0.0.1:8090
 DIR    ?= ./pb_data
 
-.PHONY: run test bench install install-test clean
+.PHONY: run test bench bench-s3 install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +37,9 @@ test: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
+	$(PY) -m bench.compare $(BENCH_ARGS)
+
+bench-s3: $(VENV)/.installed-test
 	$(PY) -m bench.s3_memory $(BENCH_ARGS)
 
 clean:

@@ -1,1 +1,2 @@
-"""Benchmarks: run from the repository root, e.g. ``python -m bench.s3_memory`` (or ``make bench``)."""
+"""Benchmarks: run from the repository root, e.g. ``python -m bench.compare`` (``make bench``)
+or ``python -m bench.s3_memory`` (``make bench-s3``)."""
