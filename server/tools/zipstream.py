@@ -38,6 +38,7 @@ inflate_lib = _deflate_lib  # ISA-L's inflate: about twice zlib's speed
 CHUNK = 1 << 20
 STORED, DEFLATED = 0, 8
 SAMPLE = 64 << 10
+WINDOW = 32 << 10  # deflate's window: what a chunk may refer back to in the previous one
 STORE_RATIO = 0.97  # a first chunk that deflates to more than this is stored as is
 _FLAGS = 0x08 | 0x800  # sizes in a data descriptor; UTF-8 names
 _ZIP64_LIMIT = 0xFFFFFFFF
@@ -68,8 +69,13 @@ def _dos_time(mtime: float) -> tuple[int, int]:
     return (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2), ((year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
 
 
-def _deflate(data: bytes | memoryview, level: int, final: bool) -> bytes:
-    compressor = _deflate_lib.compressobj(level, zlib.DEFLATED, -15)
+def _deflate(data: bytes | memoryview, level: int, final: bool, dictionary: bytes = b"") -> bytes:
+    """One chunk of a deflate stream; ``dictionary``: the end of the previous chunk (as pigz does,
+    so that splitting the stream costs next to nothing in size)."""
+    if dictionary:
+        compressor = _deflate_lib.compressobj(level, zlib.DEFLATED, -15, zdict=dictionary)
+    else:
+        compressor = _deflate_lib.compressobj(level, zlib.DEFLATED, -15)
     head = compressor.compress(data)
     return head + compressor.flush(_deflate_lib.Z_FINISH if final else _deflate_lib.Z_SYNC_FLUSH)
 
@@ -112,12 +118,13 @@ class ZipStream:
         crc, size, compressed = 0, 0, 0
         pending: deque[Future[bytes]] = deque()
         chunk = first
+        dictionary = b""
         while True:
             if self._cancel.is_set():
                 raise Cancelled()
             following = source.read(CHUNK) if chunk else b""
             if chunk:
-                crc = zlib.crc32(chunk, crc)
+                crc = _deflate_lib.crc32(chunk, crc)
                 size += len(chunk)
                 on_chunk(chunk)
                 progress(len(chunk))
@@ -127,7 +134,8 @@ class ZipStream:
                     self._write(chunk)
                     compressed += len(chunk)
             else:
-                pending.append(self._pool.submit(_deflate, chunk, self._level, final))
+                pending.append(self._pool.submit(_deflate, chunk, self._level, final, dictionary))
+                dictionary = chunk[-WINDOW:]
                 while len(pending) >= self._in_flight or (final and pending):
                     data = pending.popleft().result()
                     self._write(data)
