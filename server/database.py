@@ -73,11 +73,17 @@ class LiveFile(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        data = os.pread(self._fd, len(buffer), self._position)
-        buffer[:len(data)] = data
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(0, os.fstat(self._fd).st_size - self._position)
+        data = os.pread(self._fd, size, self._position)  # one copy, straight from the page cache
         self._position += len(data)
-        return len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        count = os.preadv(self._fd, [buffer], self._position)
+        self._position += count
+        return count
 
     def fileno(self) -> int:
         return self._fd

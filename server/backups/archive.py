@@ -33,7 +33,7 @@ from .. import faults
 from ..tools.times import now
 from ..tools.zipstream import Cancelled as ZipCancelled
 from ..tools.zipstream import ZipStream
-from ..tools.zipstream import inflate_lib
+from ..tools.zipstream import crc32, inflate_lib
 
 MANIFEST = "pb_backup_manifest.json"
 MANIFEST_FORMAT = 1
@@ -305,27 +305,37 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
             unlisted = sorted(names - set(expected))
             if unlisted:
                 raise ArchiveError(f"the archive entry {unlisted[0]!r} is not in its manifest")
-        for info, path in plan.entries:
-            faults.gate("restore-extract")
-            size, digest = _extract_entry(archive, info, target / Path(*path.parts), progress, cancel)
-            if expected is not None:
-                want = expected[str(path)]
-                if want["size"] != size or want["sha256"] != digest:
-                    raise ArchiveError(f"the checksum of {str(path)!r} does not match the manifest")
-    for name in DATABASES:
-        database = target / name
-        if database.exists():
-            check_database(database, name)
+        # Hashing and the databases' integrity checks run on threads of their own, beside the
+        # extraction: a database is checked as soon as it is out, while the next entries inflate.
+        with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, \
+                ThreadPoolExecutor(1, thread_name_prefix="integrity") as checker:
+            checks: list[Future[None]] = []
+            try:
+                for info, path in plan.entries:
+                    faults.gate("restore-extract")
+                    dest = target / Path(*path.parts)
+                    size, digest = _extract_entry(archive, info, dest, progress, cancel, hasher)
+                    if expected is not None:
+                        want = expected[str(path)]
+                        if want["size"] != size or want["sha256"] != digest:
+                            raise ArchiveError(f"the checksum of {str(path)!r} does not match the manifest")
+                    if str(path) in DATABASES:
+                        checks.append(checker.submit(check_database, dest, str(path)))
+                for check in checks:
+                    check.result()
+            finally:
+                for check in checks:
+                    check.cancel()
     return plan.manifest
 
 
 def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, progress: Progress,
-                   cancel: threading.Event) -> tuple[int, str]:
+                   cancel: threading.Event, hasher: ThreadPoolExecutor) -> tuple[int, str]:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ArchiveError(f"the archive entry {info.filename!r} conflicts with another entry") from None
-    digest = hashlib.sha256()
+    digest = _Digest(hasher)
     size = 0
     try:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -341,7 +351,7 @@ def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, 
                 if size > info.file_size:
                     raise ArchiveError(f"the archive entry {info.filename!r} is larger than it declares")
                 out.write(chunk)
-                crc = zlib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
                 digest.update(chunk)
                 progress(len(chunk))
     except ArchiveError:

@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..database import Database
 from ..datadir import DataDir
@@ -29,7 +29,6 @@ from ..logs import WARN, LogWriter
 from ..settings import Settings
 from ..storage import FileInfo, InvalidKey, Storage, StorageError, StoredFileExists, StoredFileMissing
 from ..storage.local import LocalStorage
-from ..storage.s3 import S3Config, S3Storage
 from ..tools.memory import release_free_memory
 from ..tools.security import random_string
 from ..tools.times import format_datetime
@@ -37,6 +36,9 @@ from ..values import error
 from . import archive
 from .lock import ProcessLock
 from .restore import Outcome
+
+if TYPE_CHECKING:
+    from ..storage.s3 import S3Storage
 
 logger = logging.getLogger("server.backups")
 
@@ -145,6 +147,8 @@ class BackupManager:
         s3 = self.settings.data["backups"]["s3"]
         if not s3["enabled"]:
             return LocalStorage(self.datadir.backups, self.datadir.temp)
+        from ..storage.s3 import S3Config, S3Storage  # boto3 is imported only by those who use S3
+
         config = S3Config.from_settings(s3)
         if self._s3 is None or self._s3.config != config:
             self._s3 = S3Storage(config, self.datadir.temp)
@@ -153,9 +157,9 @@ class BackupManager:
     async def test_s3(self) -> None:
         """Write, read and delete a probe object with the saved S3 settings (``StorageError`` why not)."""
         storage = self.storage()
-        if not isinstance(storage, S3Storage):
+        if storage.kind != "s3":
             raise StorageError("S3 storage filesystem is not enabled.")
-        await storage.probe()
+        await cast("S3Storage", storage).probe()
 
     # --- status ----------------------------------------------------------------------------
 
@@ -542,9 +546,10 @@ def _storage_failure(action: str) -> Iterator[None]:
         raise BadRequest(f"{action} Reason: {exc}.") from exc
 
 
-def _age_order(info: FileInfo) -> tuple[datetime, int]:
+def _age_order(info: FileInfo) -> tuple[datetime, int, datetime]:
     """Oldest first: the UTC timestamp in the name (with its ``_N`` suffix for backups of the same
-    second) where there is one, else the modified time (a manual name, with ``prune --all``)."""
+    second) where there is one, else the modified time to the second (a manual name, with
+    ``prune --all``); the exact modified time breaks ties."""
     match = _AUTO_ORDER_RE.search(info.key)
     if match is not None:
         try:
@@ -552,8 +557,8 @@ def _age_order(info: FileInfo) -> tuple[datetime, int]:
         except ValueError:
             pass
         else:
-            return (stamp, int(match.group(2) or 1))
-    return (info.modified, 0)
+            return (stamp, int(match.group(2) or 1), info.modified)
+    return (info.modified.replace(microsecond=0), 0, info.modified)
 
 
 def _name_exists() -> ValidationError:

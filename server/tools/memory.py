@@ -10,7 +10,10 @@ from typing import Any
 _libc: Any = None
 if sys.platform.startswith("linux"):
     try:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        try:
+            _libc = ctypes.CDLL("libc.so.6")  # (find_library would run ldconfig at every start)
+        except OSError:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"))
         _libc.malloc_trim  # glibc only (musl has none)
     except (OSError, AttributeError):
         _libc = None

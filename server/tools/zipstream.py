@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - isal has wheels for the platforms we r
     _deflate_lib = zlib  # type: ignore[assignment]
     FAST_DEFLATE = "zlib"
 inflate_lib = _deflate_lib  # ISA-L's inflate: about twice zlib's speed
+crc32 = _deflate_lib.crc32  # ISA-L's: several times zlib's
 
 CHUNK = 1 << 20
 STORED, DEFLATED = 0, 8
@@ -124,7 +125,7 @@ class ZipStream:
                 raise Cancelled()
             following = source.read(CHUNK) if chunk else b""
             if chunk:
-                crc = _deflate_lib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
                 size += len(chunk)
                 on_chunk(chunk)
                 progress(len(chunk))
