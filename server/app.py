@@ -51,6 +51,7 @@ class App:
         self.scheduler = scheduler or Scheduler.from_env()
         self.backups = BackupManager(self.datadir, self.db, self.aux_db, self.settings, self.logs)
         self._started = False
+        self._serving = False  # set by start(): a serving process
 
     async def open(self) -> None:
         """Open the databases and bring their schema up to date (no background tasks).
@@ -98,7 +99,8 @@ class App:
             journal = None
             await self._open_data()
         if journal is not None:
-            outcome = await asyncio.to_thread(restore.commit, root, journal)
+            # A server serves the new data while the old is deleted; the CLI waits for it.
+            outcome = await asyncio.to_thread(restore.commit, root, journal, self._serving)
         if outcome is not None:
             self.backups.record_restore_outcome(outcome)
 
@@ -116,6 +118,7 @@ class App:
         """``open`` plus the background work of a serving process: log writer and scheduler."""
         if not self.backups.lock.hold_server():
             raise RuntimeError(DIR_IN_USE)
+        self._serving = True
         await self.open()
         await self.logs.start()
         self._register_system_jobs()

@@ -310,3 +310,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+def wait_emptied(directory: Path, timeout: float = 30) -> list[str]:
+    """What is left in ``directory`` once a server's background cleanup (the old data of a
+    restore, deleted after the new data is served) is done; [] if it is missing or emptied."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)

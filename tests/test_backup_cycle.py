@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, run_cli
+from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, run_cli, wait_emptied
 from test_backup_restore import (
     MANIFEST,
     HealthPoller,
@@ -231,7 +231,7 @@ def test_create_list_download_upload_restore_delete(setup: Any) -> None:
         assert response.status_code == 200 and response.content == payloads[record["n"]]
     # The restored settings are those of the backup: still this storage.
     assert api.http.get("/api/backups/status", headers=su).json()["storage"]["kind"] == store.kind
-    assert list((server.data_dir / ".pb_temp_to_delete").iterdir()) == []  # the download is gone
+    assert wait_emptied(server.data_dir / ".pb_temp_to_delete") == []  # the download and the old data are gone
 
     # Delete: gone from the storage and the list; a second delete is a 404.
     assert api.http.delete("/api/backups/snap.zip", headers=su).status_code == 204

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, S3Server, ServerProcess, dumps
+from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, S3Server, ServerProcess, dumps, wait_emptied
 from test_backup_restore import login
 
 E2E = Path(__file__).resolve().parent / "e2e"
@@ -107,8 +107,7 @@ def test_sdk_backup_create_download_upload_restore_delete(fresh_server: ServerPr
         assert on_disk == ["sdk_one.zip"]
     # The swap cleaned up after itself: no old data kept, no extracted copy left.
     assert not (fresh_server.data_dir / ".pb_restore").exists()
-    temp = fresh_server.data_dir / ".pb_temp_to_delete"
-    assert (list(temp.iterdir()) if temp.exists() else []) == []
+    assert wait_emptied(fresh_server.data_dir / ".pb_temp_to_delete") == []
 
 
 def test_sdk_restore_of_a_damaged_backup_fails_and_keeps_the_data(fresh_server: ServerProcess, tmp_path: Path) -> None:
@@ -131,5 +130,4 @@ def test_sdk_restore_of_a_damaged_backup_fails_and_keeps_the_data(fresh_server: 
     assert fresh_server.process.pid == pid and fresh_server.process.poll() is None
     assert fresh_server.output().count("Server started at") == 1, fresh_server.output()
     assert not (fresh_server.data_dir / ".pb_restore").exists()
-    temp = fresh_server.data_dir / ".pb_temp_to_delete"
-    assert (list(temp.iterdir()) if temp.exists() else []) == []
+    assert wait_emptied(fresh_server.data_dir / ".pb_temp_to_delete") == []

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from ..tools.security import random_string
 logger = logging.getLogger("server.backups")
 
 WORK_DIR = ".pb_restore"
+TEMP_DIR = ".pb_temp_to_delete"
 # Entries of pb_data that a restore leaves where they are.
 KEPT = frozenset({"backups", ".pb_temp_to_delete", WORK_DIR, ".pb_backup.lock"})
 
@@ -118,11 +120,25 @@ def _undo(root: Path, journal: dict[str, Any]) -> None:
     fsync_dir(root)
 
 
-def _finish(root: Path) -> None:
-    """Forget the journal, then delete what was set aside."""
+def _finish(root: Path, background: bool = False) -> None:
+    """Forget the journal, then delete what was set aside.
+
+    ``background``: the deletion (seconds for a large database) is not waited for: the work
+    directory is renamed into the temp directory (which every start empties, should the process
+    stop first) and deleted there by a thread, so the server serves the new data at once."""
     work = root / WORK_DIR
     (work / "journal.json").unlink(missing_ok=True)
     fsync_dir(work)
+    if background:
+        doomed = root / TEMP_DIR / f"restored_{random_string(8)}"
+        try:
+            doomed.parent.mkdir(exist_ok=True)
+            os.rename(work, doomed)
+        except OSError:
+            pass
+        else:
+            threading.Thread(target=shutil.rmtree, args=(doomed, True), name="restore-cleanup", daemon=True).start()
+            return
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -144,9 +160,9 @@ def pending(root: Path) -> dict[str, Any] | None:
     return journal if journal is not None and journal.get("phase") == "swapped" else None
 
 
-def commit(root: Path, journal: dict[str, Any]) -> Outcome:
+def commit(root: Path, journal: dict[str, Any], background: bool = False) -> Outcome:
     faults.point("restore-before-commit")
-    _finish(root)
+    _finish(root, background)
     return Outcome(journal.get("key", ""), journal.get("startedAt", ""), True)
 
 
