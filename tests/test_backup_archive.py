@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import stat
 import threading
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -1046,6 +1047,25 @@ def test_swap_then_commit(swap_setup: Any) -> None:
     assert tree(root, skip_top=KEPT_TOP) == new_tree
     assert_kept(root, kept)
     assert restore.pending(root) is None and restore.interrupted(root) is None
+
+
+def test_commit_in_the_background_moves_the_old_data_into_temp_and_deletes_it(swap_setup: Any) -> None:
+    """A server commits with ``background``: it serves the new data while the old is deleted
+    from the temp directory (which the next start empties, should it stop first)."""
+    root, new_dir, old_tree, new_tree, kept = swap_setup
+    restore.swap_in(root, new_dir, "b1.zip", "2024-01-01 00:00:00.000Z")
+    journal = restore.pending(root)
+    assert journal is not None
+    outcome = restore.commit(root, journal, background=True)
+    assert outcome.ok
+    assert not (root / ".pb_restore").exists()  # at once: a new restore can start
+    assert restore.pending(root) is None and restore.interrupted(root) is None
+    assert tree(root, skip_top=KEPT_TOP) == new_tree
+    deadline = time.monotonic() + 10
+    while any(p.name.startswith("restored_") for p in (root / ".pb_temp_to_delete").iterdir()):
+        assert time.monotonic() < deadline, "the old data was not deleted"
+        time.sleep(0.01)
+    assert_kept(root, kept)
 
 
 def test_swap_then_rollback(swap_setup: Any) -> None:
