@@ -75,16 +75,12 @@ from .s3_memory import (
     ServerProcess,
     TextMaker,
     _raise_exit,
-    free_port,
     machine,
     proc_status,
     reset_peak,
     source_version,
-    spawn,
-    stop_process,
     tail,
     venv_binary,
-    wait_http,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,20 +263,20 @@ def copy_tree(source: Path, target: Path) -> None:
 # --- servers -----------------------------------------------------------------------------------
 
 
-class PocketBaseProcess:
+class PocketBaseProcess(ServerProcess):
     """``pocketbase serve`` over ``data_dir`` on a free loopback port (its migrations and hooks
     directories next to it); the same interface as ``ServerProcess``."""
 
     def __init__(self, data_dir: Path, log_path: Path, port: int | None = None) -> None:
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(data_dir, log_path, port, cwd=data_dir.parent)
 
     @staticmethod
     def binary() -> str:
         return venv_binary("pocketbase")
+
+    def command(self) -> list[str]:
+        return [self.binary(), "serve", "--http", f"127.0.0.1:{self.port}", "--dir", str(self.data_dir),
+                "--migrationsDir", str(self.cwd / "pb_migrations"), "--hooksDir", str(self.cwd / "pb_hooks")]
 
     def upsert_superuser(self) -> None:
         result = subprocess.run([self.binary(), "superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD,
@@ -288,40 +284,13 @@ class PocketBaseProcess:
         if result.returncode != 0:
             raise BenchError(f"pocketbase superuser upsert failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None, "PocketBase is not running"
-        return self.process.pid
-
-    def start(self, timeout: float = 60) -> None:
-        parent = self.data_dir.parent
-        self.process = spawn([self.binary(), "serve", "--http", f"127.0.0.1:{self.port}", "--dir", str(self.data_dir),
-                              "--migrationsDir", str(parent / "pb_migrations"), "--hooksDir", str(parent / "pb_hooks")],
-                             self.log_path, cwd=parent)
-        try:
-            wait_http(self.url + "/api/health", self.process, self.log_path, timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        stop_process(self.process)
-        self.process = None
-
-    def __enter__(self) -> "PocketBaseProcess":
-        self.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.stop()
-
 
 class OurServer(ServerProcess):
     """``python -m server serve`` run from ``source`` (a directory holding the ``server`` package:
     this repository, or an export of one commit)."""
 
     def __init__(self, data_dir: Path, log_path: Path, source: Path = ROOT) -> None:
-        super().__init__(data_dir, log_path)
+        super().__init__(data_dir, log_path, cwd=source)
         self.source = source
 
     def upsert_superuser(self) -> None:
@@ -330,14 +299,6 @@ class OurServer(ServerProcess):
                                 cwd=self.source, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise BenchError(f"superuser upsert failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-
-    def start(self, timeout: float = 60) -> None:
-        self.process = spawn(self.command(), self.log_path, cwd=self.source, env={**os.environ, **self.env})
-        try:
-            wait_http(self.url + "/api/health", self.process, self.log_path, timeout)
-        except BaseException:
-            self.stop()
-            raise
 
 
 Server = OurServer | PocketBaseProcess

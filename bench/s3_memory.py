@@ -163,12 +163,14 @@ def upsert_superuser(data_dir: Path, email: str = SUPERUSER_EMAIL, password: str
 class ServerProcess:
     """``python -m server serve`` over ``data_dir`` on a free loopback port; a context manager."""
 
-    def __init__(self, data_dir: Path, log_path: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, port: int | None = None, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(env or {})  # extra environment of the process (e.g. MALLOC_ARENA_MAX)
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
@@ -180,7 +182,7 @@ class ServerProcess:
         return self.process.pid
 
     def start(self, timeout: float = 60) -> None:
-        self.process = spawn(self.command(), self.log_path, cwd=ROOT, env={**os.environ, **self.env})
+        self.process = spawn(self.command(), self.log_path, cwd=self.cwd, env={**os.environ, **self.env})
         try:
             wait_http(self.url + "/api/health", self.process, self.log_path, timeout)
         except BaseException:

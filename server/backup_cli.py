@@ -17,7 +17,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -182,18 +183,15 @@ async def prune_backups(app: App, args: argparse.Namespace, progress: Progress) 
     progress.line(f"Kept the newest {args.keep} {kind}; deleted {len(deleted)}.")
 
 
-class _job_lock:
+@asynccontextmanager
+async def _job_lock(app: App) -> AsyncIterator[None]:
     """The backup lock for a short CLI job (delete, prune)."""
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-
-    async def __aenter__(self) -> None:
-        if not self.app.backups.lock.try_job():
-            raise Busy()
-
-    async def __aexit__(self, *_: Any) -> None:
-        self.app.backups.lock.release_job()
+    if not app.backups.lock.try_job():
+        raise Busy()
+    try:
+        yield
+    finally:
+        app.backups.lock.release_job()
 
 
 async def restore_backup(data_dir: str, args: argparse.Namespace, progress: Progress) -> None:

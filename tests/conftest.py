@@ -321,3 +321,23 @@ def wait_emptied(directory: Path, timeout: float = 30) -> list[str]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
+
+
+def wait_gate_held(gate: Path, timeout: float = 30) -> None:
+    """Wait until a fault gate given N passes (a file holding "N", see ``server.faults.gate``)
+    has let them through: the job now waits at it."""
+    deadline = time.monotonic() + timeout
+    while gate.read_text() != "0":
+        assert time.monotonic() < deadline, "the job did not reach the gate"
+        time.sleep(0.01)
+
+
+def wait_for(condition: Any, what: str = "a condition", timeout: float = 30) -> Any:
+    """Poll ``condition()`` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from conftest import (ROOT, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, free_port,
-                      run_cli)
+                      run_cli, wait_for)
 from test_backup_restore import MANIFEST, add_note, login, make_notes, notes, rewrite_zip, wait_idle
 
 BUSY = "Try again later - another backup/restore process has already been started."
@@ -69,15 +69,6 @@ def new_data_dir(tmp: Path) -> Path:
     data_dir = tmp / "pb_data"
     run_cli("superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, data_dir=data_dir)
     return data_dir
-
-
-def wait_for(condition: Any, timeout: float = 20, what: str = "a condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def logged(data_dir: Path, message: str) -> list[dict[str, Any]]:

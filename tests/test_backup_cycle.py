@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, run_cli, wait_emptied
+from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, run_cli, wait_emptied, wait_gate_held
 from test_backup_restore import (
     MANIFEST,
     HealthPoller,
@@ -287,10 +287,7 @@ def hold_mid_backup(api: Api, su: dict[str, str], gate: Path, name: str, entries
     ``entries`` through): more than one S3 part is out, more is to come."""
     gate.write_text(str(entries))
     assert api.http.post("/api/backups", headers=su, json={"name": name}).status_code == 204
-    deadline = time.monotonic() + 30
-    while gate.read_text() != "0":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_gate_held(gate)
     time.sleep(0.3)
     active = api.http.get("/api/backups/status", headers=su).json()["active"]
     assert active["key"] == name and 0 < active["bytesDone"] < active["bytesTotal"]

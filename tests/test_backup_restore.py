@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, ServerProcess, auth, run_cli, wait_emptied
+from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, ServerProcess, auth, run_cli, wait_emptied, wait_gate_held
 
 MANIFEST = "pb_backup_manifest.json"
 
@@ -238,11 +238,8 @@ def test_restore_of_a_pocketbase_style_zip_without_manifest(fresh_server: Server
 # --- consistency under concurrent writes ---------------------------------------------------
 
 
-def test_snapshot_under_concurrent_writes_restores_a_gap_free_prefix(faulty_server: ServerProcess) -> None:
-    gate = faulty_server.data_dir.parent / "gate"
-    faulty_server.env.update(PB_FAULTS="gate:backup-write", PB_FAULTS_GATE=str(gate))
-    faulty_server.start()
-    fresh_server = faulty_server
+def test_snapshot_under_concurrent_writes_restores_a_gap_free_prefix(write_gated: tuple[ServerProcess, Path]) -> None:
+    fresh_server, gate = write_gated
     api = Api(fresh_server)
     su = login(fresh_server)
     make_notes(api, su)
@@ -275,11 +272,9 @@ def test_snapshot_under_concurrent_writes_restores_a_gap_free_prefix(faulty_serv
     gate.write_text("4")  # hold the job (after the databases and two files) while the writer goes on
     response = api.http.post("/api/backups", headers=su, json={"name": "busy.zip"})
     assert response.status_code == 204
-    deadline = time.monotonic() + 30
-    while gate.read_text() != "0":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_gate_held(gate)
     held_at = len(written)
+    deadline = time.monotonic() + 30
     while len(written) < held_at + 20:
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -391,11 +386,8 @@ def test_a_failed_backup_is_reported_logged_and_releases_the_lock(fresh_server: 
     api.close()
 
 
-def test_stopping_the_server_during_a_backup_leaves_nothing_listed(faulty_server: ServerProcess) -> None:
-    gate = faulty_server.data_dir.parent / "gate"
-    faulty_server.env.update(PB_FAULTS="gate:backup-write", PB_FAULTS_GATE=str(gate))
-    faulty_server.start()
-    fresh_server = faulty_server
+def test_stopping_the_server_during_a_backup_leaves_nothing_listed(write_gated: tuple[ServerProcess, Path]) -> None:
+    fresh_server, gate = write_gated
     api = Api(fresh_server)
     su = login(fresh_server)
     make_notes(api, su)
@@ -403,10 +395,7 @@ def test_stopping_the_server_during_a_backup_leaves_nothing_listed(faulty_server
         add_note(api, su, f"bulk {i}", i, os.urandom(2 << 20))
     gate.write_text("5")  # the databases and three files go in, then the job waits
     assert api.http.post("/api/backups", headers=su, json={"name": "cut.zip"}).status_code == 204
-    deadline = time.monotonic() + 30
-    while gate.read_text() != "0":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_gate_held(gate)
     stopper = threading.Thread(target=fresh_server.stop)  # SIGTERM while the zip is being written
     stopper.start()
     time.sleep(0.5)
@@ -433,6 +422,15 @@ def faulty_server(tmp_path: Path) -> Any:
     server = ServerProcess(data_dir)
     yield server
     server.stop()
+
+
+@pytest.fixture()
+def write_gated(faulty_server: ServerProcess) -> tuple[ServerProcess, Path]:
+    """A started server whose backups wait at each archive entry while its gate file exists."""
+    gate = faulty_server.data_dir.parent / "gate"
+    faulty_server.env.update(PB_FAULTS="gate:backup-write", PB_FAULTS_GATE=str(gate))
+    faulty_server.start()
+    return faulty_server, gate
 
 
 def prepare_restore_case(server: ServerProcess) -> tuple[Api, set[str]]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, free_port, run_cli
+from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, free_port, run_cli, wait_for
 from test_backup_restore import login, make_notes, add_note, notes, restore, wait_idle
 
 AUTO_RE = re.compile(r"^@auto_pb_backup_acme_\d{14}(_\d+)?\.zip$")
@@ -65,16 +64,6 @@ def logs(server: ServerProcess, message: str) -> list[dict[str, Any]]:
 def auto_created(server: ServerProcess) -> list[str]:
     """Keys of the scheduled backups created so far, oldest first (from the server's logs)."""
     return [entry["key"] for entry in logs(server, "Backup created") if entry.get("key", "").startswith("@auto_")]
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def create(server: ServerProcess, name: str) -> None:

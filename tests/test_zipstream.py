@@ -127,7 +127,9 @@ def test_cancel_stops_an_entry_midway() -> None:
     out = Unseekable()
     stream = ZipStream(out, cancel=cancel)  # type: ignore[arg-type]
 
-    def stop_after_two(_: bytes, calls: list[int] = []) -> None:
+    calls: list[int] = []
+
+    def stop_after_two(_: bytes) -> None:
         calls.append(1)
         if len(calls) == 2:
             cancel.set()

@@ -51,7 +51,7 @@ class Cancelled(Exception):
 
 
 @dataclass
-class _Entry:
+class ZipEntry:
     name: bytes
     method: int
     dos_time: int
@@ -102,7 +102,7 @@ class ZipStream:
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="deflate")
         self._in_flight = max(1, workers) * 2 + 1
         self._cancel = cancel or threading.Event()
-        self._entries: list[_Entry] = []
+        self._entries: list[ZipEntry] = []
         self._offset = 0
         self._closed = False
 
@@ -112,7 +112,7 @@ class ZipStream:
 
     def add_file(self, name: str, source: IO[bytes], mtime: float, size_hint: int = 0,
                  on_chunk: Callable[[bytes], None] = lambda data: None,
-                 progress: Callable[[int], None] = lambda n: None, mode: int = 0o644) -> _Entry:
+                 progress: Callable[[int], None] = lambda n: None, mode: int = 0o644) -> ZipEntry:
         first = source.read(CHUNK)
         method = DEFLATED if compresses(first, self._level) else STORED
         entry = self._begin(name, method, mtime, size_hint, mode)
@@ -148,21 +148,21 @@ class ZipStream:
         self._end(entry)
         return entry
 
-    def add_bytes(self, name: str, data: bytes, mtime: float | None = None, mode: int = 0o644) -> _Entry:
+    def add_bytes(self, name: str, data: bytes, mtime: float | None = None, mode: int = 0o644) -> ZipEntry:
         return self.add_file(name, io.BytesIO(data), time.time() if mtime is None else mtime, len(data), mode=mode)
 
-    def _begin(self, name: str, method: int, mtime: float, size_hint: int, mode: int) -> _Entry:
+    def _begin(self, name: str, method: int, mtime: float, size_hint: int, mode: int) -> ZipEntry:
         encoded = name.encode("utf-8")
         dos_time, dos_date = _dos_time(mtime)
         zip64 = size_hint >= (1 << 31) or self._offset >= _ZIP64_LIMIT
-        entry = _Entry(encoded, method, dos_time, dos_date, (0o100000 | mode) << 16, self._offset, zip64)
+        entry = ZipEntry(encoded, method, dos_time, dos_date, (0o100000 | mode) << 16, self._offset, zip64)
         extra = struct.pack("<HHQQ", 0x0001, 16, 0, 0) if zip64 else b""
         header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, _FLAGS, method, dos_time, dos_date,
                              0, _ZIP64_LIMIT if zip64 else 0, _ZIP64_LIMIT if zip64 else 0, len(encoded), len(extra))
         self._write(header + encoded + extra)
         return entry
 
-    def _end(self, entry: _Entry) -> None:
+    def _end(self, entry: ZipEntry) -> None:
         if entry.zip64:
             self._write(struct.pack("<IIQQ", 0x08074B50, entry.crc, entry.compressed, entry.size))
         elif entry.compressed > _ZIP64_LIMIT or entry.size > _ZIP64_LIMIT:
@@ -195,7 +195,7 @@ class ZipStream:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
-    def _central_header(entry: _Entry) -> bytes:
+    def _central_header(entry: ZipEntry) -> bytes:
         values: list[int] = []
         compressed, size, offset = entry.compressed, entry.size, entry.offset
         if size >= _ZIP64_LIMIT or entry.zip64:
