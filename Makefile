@@ -1,4 +1,5 @@
 # `make run` serves on 127.0.0.1:8090 with ./pb_data; `make test` runs the whole suite;
+# `make soak` runs the randomised crash tests for hundreds of rounds;
 # `make bench` compares backup, restore, upload and download with PocketBase's on the same data
 # (bench/compare.py); `make bench-s3` measures the server's memory on S3 (bench/s3_memory.py).
 # Both take BENCH_ARGS, e.g. --scale 0.05 for a quick look.
@@ -10,7 +11,7 @@ PY     := $(VENV)/bin/python
 HTTP   ?= 127.0.0.1:8090
 DIR    ?= ./pb_data
 
-.PHONY: run test bench bench-s3 install install-test clean
+.PHONY: run test soak bench bench-s3 install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,11 @@ run: install
 
 test: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The randomised crash tests (SIGKILL at random moments of backups and restores), hundreds of
+# rounds instead of the few `make test` runs, and hypothesis with many more examples.
+soak: install-test
+	PB_SOAK=1 $(PY) -m pytest -q -m soak $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
 	$(PY) -m bench.compare $(BENCH_ARGS)

@@ -17,10 +17,22 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPERUSER_EMAIL = "admin@example.com"
 SUPERUSER_PASSWORD = "1234567890"
+
+# `make soak` sets PB_SOAK=1: randomised tests run many more rounds and hypothesis many more examples.
+SOAK = os.environ.get("PB_SOAK") == "1"
+settings.register_profile("default", max_examples=150, deadline=None)
+settings.register_profile("soak", max_examples=3000, deadline=None)
+settings.load_profile("soak" if SOAK else "default")
+
+
+def rounds(quick: int, soak: int) -> int:
+    """How many rounds a randomised test runs: ``quick`` in ``make test``, ``soak`` in ``make soak``."""
+    return soak if SOAK else quick
 
 
 def free_port() -> int:
