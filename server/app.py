@@ -88,6 +88,7 @@ class App:
         await asyncio.to_thread(self.datadir.prepare, maintenance)
         try:
             if journal is not None:
+                faults.point("restore-booting")
                 faults.raise_point("restore-boot")
             await self._open_data()
         except Exception as exc:
@@ -101,6 +102,7 @@ class App:
         if journal is not None:
             # A server serves the new data while the old is deleted; the CLI waits for it.
             outcome = await asyncio.to_thread(restore.commit, root, journal, self._serving)
+            faults.point("restore-committed")
         if outcome is not None:
             self.backups.record_restore_outcome(outcome)
 

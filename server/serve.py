@@ -12,6 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
+from . import faults
 from .api import create_asgi_app
 from .app import DIR_IN_USE, App
 from .backups import RestoreReady
@@ -58,6 +59,7 @@ def superuser_hint(data_dir: Path) -> str:
 
 def _restart(keep_fd: int, ready: RestoreReady, root: Path) -> None:
     """Swap the verified backup in and re-execute this process, listening socket included."""
+    faults.point("restore-stopped")
     try:
         swap_in(root, ready.new_dir, ready.key, ready.started_at)
     except Exception:
@@ -68,6 +70,7 @@ def _restart(keep_fd: int, ready: RestoreReady, root: Path) -> None:
     os.environ[LISTEN_FD_ENV] = str(keep_fd)
     sys.stdout.flush()
     sys.stderr.flush()
+    faults.point("restore-before-exec")
     os.execv(sys.executable, sys.orig_argv)
 
 

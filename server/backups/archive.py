@@ -311,8 +311,10 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
                 ThreadPoolExecutor(1, thread_name_prefix="integrity") as checker:
             checks: list[Future[None]] = []
             try:
-                for info, path in plan.entries:
+                for index, (info, path) in enumerate(plan.entries):
                     faults.gate("restore-extract")
+                    if index == 1:
+                        faults.point("restore-extracting")
                     dest = target / Path(*path.parts)
                     size, digest = _extract_entry(archive, info, dest, progress, cancel, hasher)
                     if expected is not None:

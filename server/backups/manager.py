@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from .. import faults
 from ..database import Database
 from ..datadir import DataDir
 from ..errors import ApiError, BadRequest, NotFound, ValidationError, field_error
@@ -526,10 +527,12 @@ class BackupManager:
             info = await storage.stat(job.key)
             job.bytes_total = info.size if info is not None else 0  # the fetch first, if it is a download
             async with storage.local_copy(job.key, self.datadir.temp, job.advance) as zip_path:
+                faults.point("restore-fetched")
                 await asyncio.to_thread(archive.extract, zip_path, target, job.advance, job.cancel, set_total)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, work, True)
             raise
+        faults.point("restore-verified")
         assert self.on_restore_ready is not None
         await self.on_restore_ready(RestoreReady(job.key, target, format_datetime(job.started_at)))
         return True  # the job now belongs to the restart: the lock stays taken until the re-exec
