@@ -152,24 +152,54 @@ class ArchiveWriter:
         self._hasher.shutdown(cancel_futures=True)
 
 
+class _InOrder:
+    """Calls run in order on ``pool`` (one thread), at most ``behind`` calls behind the caller.
+
+    A failed call raises its exception from the next ``submit`` or ``drain``."""
+
+    def __init__(self, pool: ThreadPoolExecutor, behind: int = 8) -> None:
+        self._pool = pool
+        self._pending: deque[Future[None]] = deque()
+        self._behind = behind
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._behind:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def abandon(self) -> None:
+        """Cancel what has not started and wait for what has (its outcome is ignored)."""
+        for pending in self._pending:
+            pending.cancel()
+        for pending in self._pending:
+            if not pending.cancelled():
+                pending.exception()
+        self._pending.clear()
+
+
 class _Digest:
     """SHA-256 of a file's chunks, computed in order on ``hasher`` (one thread), a few chunks behind."""
 
     def __init__(self, hasher: ThreadPoolExecutor, behind: int = 8) -> None:
         self._hash = hashlib.sha256()
-        self._hasher = hasher
-        self._pending: deque[Future[None]] = deque()
-        self._behind = behind
+        self._calls = _InOrder(hasher, behind)
 
     def update(self, chunk: bytes) -> None:
-        self._pending.append(self._hasher.submit(self._hash.update, chunk))
-        while len(self._pending) > self._behind:
-            self._pending.popleft().result()
+        self._calls.submit(self._hash.update, chunk)
 
     def hexdigest(self) -> str:
-        while self._pending:
-            self._pending.popleft().result()
+        self._calls.drain()
         return self._hash.hexdigest()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def default_workers() -> int:
@@ -305,9 +335,10 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
             unlisted = sorted(names - set(expected))
             if unlisted:
                 raise ArchiveError(f"the archive entry {unlisted[0]!r} is not in its manifest")
-        # Hashing and the databases' integrity checks run on threads of their own, beside the
-        # extraction: a database is checked as soon as it is out, while the next entries inflate.
+        # Writing, hashing and the databases' integrity checks run on threads of their own, beside
+        # the inflating: a database is checked as soon as it is out, while the next entries inflate.
         with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, \
+                ThreadPoolExecutor(1, thread_name_prefix="extract-write") as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="integrity") as checker:
             checks: list[Future[None]] = []
             try:
@@ -316,7 +347,7 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
                     if index == 1:
                         faults.point("restore-extracting")
                     dest = target / Path(*path.parts)
-                    size, digest = _extract_entry(archive, info, dest, progress, cancel, hasher)
+                    size, digest = _extract_entry(archive, info, dest, progress, cancel, hasher, writer)
                     if expected is not None:
                         want = expected[str(path)]
                         if want["size"] != size or want["sha256"] != digest:
@@ -332,7 +363,7 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
 
 
 def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, progress: Progress,
-                   cancel: threading.Event, hasher: ThreadPoolExecutor) -> tuple[int, str]:
+                   cancel: threading.Event, hasher: ThreadPoolExecutor, writer: ThreadPoolExecutor) -> tuple[int, str]:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -344,24 +375,29 @@ def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, 
     except (FileExistsError, IsADirectoryError, NotADirectoryError):
         raise ArchiveError(f"the archive entry {info.filename!r} conflicts with another entry") from None
     crc = 0
+    # This thread inflates; the writer thread writes and the hasher hashes, a few chunks behind.
+    writes = _InOrder(writer)
     try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in _entry_chunks(archive, info):
-                if cancel.is_set():
-                    raise Cancelled()
-                size += len(chunk)
-                if size > info.file_size:
-                    raise ArchiveError(f"the archive entry {info.filename!r} is larger than it declares")
-                out.write(chunk)
-                crc = crc32(chunk, crc)
-                digest.update(chunk)
-                progress(len(chunk))
+        for chunk in _entry_chunks(archive, info):
+            if cancel.is_set():
+                raise Cancelled()
+            size += len(chunk)
+            if size > info.file_size:
+                raise ArchiveError(f"the archive entry {info.filename!r} is larger than it declares")
+            writes.submit(_write_all, fd, chunk)
+            crc = crc32(chunk, crc)
+            digest.update(chunk)
+            progress(len(chunk))
+        writes.drain()
     except ArchiveError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # the disk (full, read-only), not the archive
         raise ArchiveError(f"the archive entry {info.filename!r} is damaged") from exc
+    finally:
+        writes.abandon()  # nothing may write to ``fd`` once it is closed
+        os.close(fd)
     if size != info.file_size or crc != info.CRC:
         raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
     return size, digest.hexdigest()
