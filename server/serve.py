@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -74,6 +76,30 @@ def _restart(keep_fd: int, ready: RestoreReady, root: Path) -> None:
     os.execv(sys.executable, sys.orig_argv)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose main loop also wakes up when asked to stop for a restore.
+
+    uvicorn looks at ``should_exit`` every 0.1 s; a restore waits for that before it swaps, so
+    ``stop`` wakes the loop at once instead. The loop is otherwise uvicorn's own."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._wake: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._wake = asyncio.Event()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+
+    def stop(self) -> None:
+        self.should_exit = True
+        if self._wake is not None:
+            self._wake.set()
+
+
 def serve(address: str, data_dir: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     core = App(data_dir)
@@ -107,12 +133,12 @@ def serve(address: str, data_dir: str) -> None:
     # otherwise (uvicorn would trust X-Forwarded-For from 127.0.0.1 by default).
     config = uvicorn.Config(create_asgi_app(core, on_started=banner), log_level="warning", lifespan="on", access_log=False,
                             timeout_graceful_shutdown=10, proxy_headers=False)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     restores: list[RestoreReady] = []
 
     async def restore_ready(ready: RestoreReady) -> None:
         restores.append(ready)
-        server.should_exit = True  # graceful: in-flight requests finish, then the lifespan closes the core
+        server.stop()  # graceful: in-flight requests finish, then the lifespan closes the core
 
     core.backups.on_restore_ready = restore_ready
     server.run(sockets=[sock])
