@@ -71,12 +71,39 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                         headers=getattr(exc, "headers", None))
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    core: App = request.app.state.core
-    core.logs.error("Unhandled error", url=request.url.path, method=request.method, error=type(exc).__name__)
-    body = {"status": 500, "message": "Something went wrong while processing your request.", "data": {}}
-    return JSONResponse(body, status_code=500)
+class UnexpectedErrorMiddleware:
+    """Answers an unhandled exception with the contract's 500, logged, and keeps the connection.
+
+    (A Starlette ``Exception`` handler re-raises after answering, and uvicorn then drops the
+    keep-alive connection without a ``Connection: close``: the client's next request on it fails.)
+    An exception after the response has started cannot be answered; it propagates."""
+
+    def __init__(self, app: ASGIApp, core: App) -> None:
+        self.app = app
+        self.core = core
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:
+                raise
+            method, path = scope.get("method", ""), scope.get("path", "")
+            logger.exception("unhandled error on %s %s", method, path)
+            self.core.logs.error("Unhandled error", url=path, method=method, error=type(exc).__name__)
+            body = {"status": 500, "message": "Something went wrong while processing your request.", "data": {}}
+            await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -183,9 +210,10 @@ def create_asgi_app(core: App, on_started: Callable[[], Awaitable[None]] | None 
     app = Starlette(
         routes=routes(),
         lifespan=lifespan,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected_error},
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
     )
     app.state.core = core
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestLogMiddleware, core=core)
+    app.add_middleware(UnexpectedErrorMiddleware, core=core)  # outermost: the request log sees the 500
     return app

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -55,8 +56,7 @@ class Busy(BadRequest):
     default_message = BUSY_MESSAGE
 
 
-class InsufficientStorage(ApiError):
-    status = 507
+class InsufficientStorage(BadRequest):
     default_message = "Not enough free disk space to complete the operation."
 
 
@@ -92,6 +92,8 @@ def describe_error(exc: BaseException) -> str:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return "not enough disk space"
         return exc.strerror or type(exc).__name__
+    if isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return "not enough disk space"
     if isinstance(exc, asyncio.CancelledError):
         return "the job was interrupted"
     return type(exc).__name__
