@@ -53,6 +53,21 @@ def test_request_is_logged(api: Api, server: ServerProcess) -> None:
     assert entry["created"].endswith("Z") and len(entry["created"]) == len("2026-11-21 23:33:53.648Z")
 
 
+def test_file_tokens_are_not_written_to_the_request_log(api: Api, server: ServerProcess, su: dict[str, str]) -> None:
+    # A superuser file token downloads backups for minutes: the log keeps the request, not the token.
+    token = api.http.post("/api/files/token", headers=su).json()["token"]
+    marker = unique("tok")
+    for query in (f"token={token}&probe={marker}", f"probe={marker}&%74oken={token}"):
+        assert api.http.get(f"/api/backups/missing.zip?{query}").status_code == 404
+    rows = wait_for_log(server, marker)
+    assert len(rows) == 2, rows
+    assert sorted(row["data"]["url"] for row in rows) == sorted([
+        f"/api/backups/missing.zip?token=***&probe={marker}",
+        f"/api/backups/missing.zip?probe={marker}&%74oken=***",
+    ])
+    assert not server.sql("SELECT id FROM _logs WHERE data LIKE ?", (f"%{token}%",), db="auxiliary.db")
+
+
 def test_not_found_is_logged_as_warning(api: Api, server: ServerProcess) -> None:
     marker = unique("missing")
     assert api.http.get(f"/api/{marker}").status_code == 404
