@@ -821,10 +821,21 @@ def case_implausible_ratio(path: Path) -> Path:
                      patch=_set_sizes("storage/bomb.bin", file_size=100 << 20))
 
 
+def case_many_small_bombs(path: Path) -> Path:
+    # Each entry under the per-entry limit (60 MiB of one byte), 300 MiB in all from a few KB.
+    names = [f"storage/bomb{i}.bin" for i in range(5)]
+
+    def patch(zf: zipfile.ZipFile) -> None:
+        for name in names:
+            _set_sizes(name, file_size=60 << 20)(zf)
+    return write_zip(path, [*good_files().items(), *((name, b"A" * 4000) for name in names)], patch=patch)
+
+
 def case_absurd_size(path: Path) -> Path:
-    # A petabyte, with a compressed size that keeps the ratio plausible: only the free space check stops it.
+    # A petabyte, with a compressed size that keeps the ratio plausible (64:1): the compressed size
+    # then runs past the next entry. (A backup too large for an honest disk: tests/test_disk_full.py.)
     return write_zip(path, [*good_files().items(), ("storage/huge.bin", b"A" * 4000)],
-                     patch=_set_sizes("storage/huge.bin", file_size=1 << 50, compress_size=1 << 41))
+                     patch=_set_sizes("storage/huge.bin", file_size=1 << 50, compress_size=1 << 44))
 
 
 def case_bad_crc(path: Path) -> Path:
@@ -895,7 +906,8 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], str, bool]] = [
     ("declares-smaller-deflated", case_declares_smaller(zipfile.ZIP_DEFLATED), r"larger than it declares|damaged", False),
     ("declares-smaller-stored", case_declares_smaller(zipfile.ZIP_STORED), r"larger than it declares|damaged", False),
     ("ratio", case_implausible_ratio, "implausible compression ratio", True),
-    ("disk-space", case_absurd_size, "not enough free disk space", False),
+    ("many-small-bombs", case_many_small_bombs, "implausible compression ratio", True),
+    ("absurd-size", case_absurd_size, "overlaps another entry", True),
     ("bad-crc", case_bad_crc, "'storage/stored.bin' is damaged", False),
     ("file-then-directory", case_file_then_directory, r"storage/x", False),
     ("directory-then-file", case_directory_then_file, r"storage/x", False),

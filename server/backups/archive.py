@@ -44,11 +44,18 @@ COMPRESS_LEVEL = 2  # ISA-L level 2: smaller than zlib level 1 (and PocketBase),
 EXCLUDED_TOP = frozenset({"backups"})
 EXCLUDED_SUFFIXES = ("-wal", "-shm", "-journal")
 
-# Limits against hostile archives (zip bombs). Deflate cannot expand more than ~1032:1; only
-# stored and deflated entries are accepted, so the ratio limit is a second line of defence.
+# Limits against hostile archives (zip bombs). Deflate cannot expand more than ~1032:1, so a
+# bomb is an entry of a very high ratio, many of them, or many entries sharing one compressed
+# stream. Real pb_data compresses far less than 200:1 (the reference data.db: 2.3:1; photos:
+# 1:1), so beyond that ratio an entry over 64 MiB is refused, and so is an archive that would
+# expand to over 256 MiB; entries whose data overlap are refused whatever their size. (Files of
+# zeros under 64 MiB, which a user may well upload, restore at any ratio.)
 MAX_ENTRIES = 1_000_000
-MAX_RATIO = 1100
-RATIO_MIN_SIZE = 1 << 20  # small entries may have any ratio
+MAX_RATIO = 200
+RATIO_MIN_SIZE = 64 << 20  # smaller entries may have any ratio...
+TOTAL_RATIO_MIN_SIZE = 256 << 20  # ...and so may smaller archives
+MAX_NAME_PART = 255  # bytes in one component of an entry's path (as the file systems allow)
+MAX_NAME = 4096
 DISK_MARGIN = 64 << 20  # free space kept on the disk after extracting
 
 Progress = Callable[[int], None]
@@ -221,6 +228,9 @@ def _entry_path(info: zipfile.ZipInfo) -> PurePosixPath:
     path = PurePosixPath(name)
     if any(part in ("..", ".") for part in path.parts) or not path.parts:
         raise ArchiveError(f"the archive has an unsafe entry name {name!r}")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME or \
+            any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_PART for part in path.parts):
+        raise ArchiveError(f"the archive has an entry name that is too long {name[:80]!r}...")
     # Unix-made zips keep the file type in the high bits of external_attr (0 there: unspecified).
     kind = stat.S_IFMT(info.external_attr >> 16)
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
@@ -274,6 +284,10 @@ def plan_archive(archive: zipfile.ZipFile) -> Plan:
             continue  # never restored: backups, temp and dot entries, WAL files
         plan.entries.append((info, path))
         plan.total_size += info.file_size
+    _refuse_overlaps(infos, getattr(archive, "start_dir", None))
+    compressed = sum(info.compress_size for info in infos)
+    if plan.total_size > TOTAL_RATIO_MIN_SIZE and plan.total_size > MAX_RATIO * max(compressed, 1):
+        raise ArchiveError("the archive has an implausible compression ratio")
     if not any(str(path) == "data.db" for _, path in plan.entries):
         raise ArchiveError("the archive has no data.db at its root")
     if manifest_info is not None:
@@ -289,6 +303,17 @@ def plan_archive(archive: zipfile.ZipFile) -> Plan:
             raise ArchiveError("the archive manifest is not readable") from exc
         plan.manifest = manifest
     return plan
+
+
+def _refuse_overlaps(infos: list[zipfile.ZipInfo], central_directory: int | None) -> None:
+    """Each entry's data must lie between its local header and the next entry's: entries sharing
+    compressed data are a zip bomb (a few MB inflating to many entries of a GB each)."""
+    ordered = sorted(infos, key=lambda info: info.header_offset)
+    for info, following in zip(ordered, ordered[1:] + [None]):
+        end = info.header_offset + 30 + info.compress_size  # at least: header, name and extra aside
+        limit = following.header_offset if following is not None else central_directory
+        if limit is not None and end > limit:
+            raise ArchiveError(f"the archive entry {info.filename!r} overlaps another entry")
 
 
 def _checked_plan(archive: zipfile.ZipFile) -> Plan:
@@ -391,7 +416,8 @@ def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, 
         writes.drain()
     except ArchiveError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError, OSError) as exc:
+    except (zipfile.BadZipFile, zlib.error, inflate_lib.error, EOFError, ValueError, NotImplementedError, RuntimeError,
+            OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # the disk (full, read-only), not the archive
         raise ArchiveError(f"the archive entry {info.filename!r} is damaged") from exc
