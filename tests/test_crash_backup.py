@@ -239,6 +239,9 @@ def test_a_backup_killed_at_any_moment_leaves_nothing_partial_and_loses_nothing(
             after = f"after{r}.zip"
             duration = 0.5 * duration + 0.5 * timed_backup(server, after)
             verify_listed(api, server, store, scratch, verified)
+            # The killed job's unfinished upload (S3: a multipart upload with parts, which S3 keeps
+            # and bills) was aborted by that next backup; on disk, its temp file went at the start.
+            assert store.unfinished() == 0, f"round {r}: the killed backup's upload is still there"
             # Keep the list short: delete what was checked, but the newest complete backup.
             su = login(server)
             for key in keys:

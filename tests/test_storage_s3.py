@@ -8,6 +8,7 @@ ignores ``If-None-Match``, so the refusal of an existing key rests on the check 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import time
@@ -23,6 +24,7 @@ from conftest import S3Server, free_port
 from server.storage import s3
 from server.storage.base import FileInfo, InvalidKey, StorageError, StoredFileExists, StoredFileMissing
 from server.storage.s3 import PROBE_PREFIX, S3Config, S3Storage, S3Writer
+from server.storage.s3_uploads import RECORD_FILE, UploadRecords
 
 PART = 256 << 10  # the part size of these tests (rclone takes parts below S3's 5 MiB minimum)
 WRONG_SECRET = "wrong-secret-9876543210"
@@ -193,7 +195,7 @@ async def test_failing_source_aborts_the_upload(storage: S3Storage, s3_server: S
     assert await storage.list() == []
     assert "broken.zip" not in s3_server.objects(bucket)
     assert uploads(storage) == []
-    assert storage._stale_uploads == []
+    assert storage.uploads.unowned(storage.config.endpoint, bucket) == []
 
 
 @pytest.mark.parametrize("size", [10, 2 * PART + 5], ids=["single-put", "multipart"])
@@ -439,6 +441,36 @@ async def test_probe(storage: S3Storage, s3_server: S3Server, bucket: str) -> No
     await storage.probe()  # again: a fresh name each time
 
 
+async def test_uploads_of_a_killed_process_are_aborted_by_the_next_write(s3_server: S3Server, bucket: str,
+                                                                          tmp_path: Path) -> None:
+    # The record lives in pb_data: a process killed mid-upload leaves its upload id there, and the
+    # next process's next write aborts it (S3 keeps an unfinished upload's parts, and bills them,
+    # until then). A writer that is still alive in this process is never aborted.
+    record = tmp_path / RECORD_FILE
+    config = make_storage(tmp_path, s3_server.url, bucket).config
+    killed = S3Storage(config, tmp_path / "temp", UploadRecords(record))
+    writer = await asyncio.to_thread(killed.open_write, "killed.zip")
+    await asyncio.to_thread(writer.write, payload(2 * PART + 10))
+    assert [u["Key"] for u in uploads(killed)] == ["killed.zip"]
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert killed.uploads.unowned(config.endpoint, bucket) == []  # its own writer is alive
+
+    # A new process (a new record object on the same file), other buckets' records left alone.
+    restarted = S3Storage(config, tmp_path / "temp", UploadRecords(record))
+    restarted.uploads.add("http://elsewhere:9", "other", "x.zip", "other-upload")
+    restarted.uploads.release("other-upload")
+    live = await asyncio.to_thread(restarted.open_write, "live.zip")  # aborts killed.zip first
+    await asyncio.to_thread(live.write, payload(2 * PART))
+    assert [u["Key"] for u in uploads(restarted)] == ["live.zip"]
+    assert restarted.open_write("third.zip").abort() is None  # does not abort the live writer's upload
+    assert [u["Key"] for u in uploads(restarted)] == ["live.zip"]
+    await asyncio.to_thread(live.commit)
+    assert uploads(restarted) == []
+    assert [f.key for f in await restarted.list()] == ["live.zip"]
+    assert json.loads(record.read_text()) == [
+        {"endpoint": "http://elsewhere:9", "bucket": "other", "key": "x.zip", "uploadId": "other-upload"}]
+
+
 def test_describe_and_repr_never_show_the_secret(storage: S3Storage) -> None:
     assert S3Server.SECRET not in repr(storage.config)
     described = storage.describe()
@@ -495,7 +527,7 @@ async def test_outage_mid_upload(tmp_path: Path) -> None:
 
         for error in await asyncio.to_thread(during):
             assert_safe(error, "reach")
-        assert sorted(key for key, _ in storage._stale_uploads) == ["first.zip", "second.zip"]
+        assert sorted(key for key, _ in storage.uploads.unowned(outage.url, name)) == ["first.zip", "second.zip"]
 
         # Back on the same port, same data: rclone kept no multipart state, so the stale uploads
         # are gone; the next write retries their aborts and forgets them.
@@ -503,7 +535,7 @@ async def test_outage_mid_upload(tmp_path: Path) -> None:
         outage.start()
         data = payload(2 * PART + 3)
         info = await storage.write("after.zip", chunked(data))
-        assert storage._stale_uploads == []
+        assert storage.uploads.unowned(outage.url, name) == []
         assert info.size == len(data)
         assert await read_all(storage, "after.zip") == data
         assert [f.key for f in await storage.list()] == ["after.zip"]

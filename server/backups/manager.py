@@ -31,6 +31,7 @@ from ..logs import WARN, LogWriter
 from ..settings import Settings
 from ..storage import FileInfo, InvalidKey, Storage, StorageError, StoredFileExists, StoredFileMissing
 from ..storage.local import LocalStorage
+from ..storage.s3_uploads import RECORD_FILE, UploadRecords
 from ..tools.memory import release_free_memory
 from ..tools.security import random_string
 from ..tools.times import format_datetime
@@ -136,6 +137,7 @@ class BackupManager:
         self.last: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._s3: S3Storage | None = None  # kept while its settings stay the same: one boto3 client
+        self._s3_uploads = UploadRecords(self.datadir.root / RECORD_FILE)
         self.lock = ProcessLock(datadir.root)  # one job at a time across processes (server and CLI)
         # Set by the server: called with a verified restore, it stops serving, swaps, re-execs.
         self.on_restore_ready: Callable[[RestoreReady], Awaitable[None]] | None = None
@@ -154,7 +156,7 @@ class BackupManager:
 
         config = S3Config.from_settings(s3)
         if self._s3 is None or self._s3.config != config:
-            self._s3 = S3Storage(config, self.datadir.temp)
+            self._s3 = S3Storage(config, self.datadir.temp, self._s3_uploads)
         return self._s3
 
     async def test_s3(self) -> None:

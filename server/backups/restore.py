@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import faults
+from ..storage.s3_uploads import RECORD_FILE
 from ..tools.fsync import fsync_dir
 from ..tools.security import random_string
 
@@ -37,7 +38,7 @@ logger = logging.getLogger("server.backups")
 WORK_DIR = ".pb_restore"
 TEMP_DIR = ".pb_temp_to_delete"
 # Entries of pb_data that a restore leaves where they are.
-KEPT = frozenset({"backups", ".pb_temp_to_delete", WORK_DIR, ".pb_backup.lock"})
+KEPT = frozenset({"backups", ".pb_temp_to_delete", WORK_DIR, ".pb_backup.lock", RECORD_FILE, RECORD_FILE + ".tmp"})
 
 
 @dataclass

@@ -39,6 +39,7 @@ from botocore.exceptions import (
 )
 
 from ..tools.security import random_string
+from .s3_uploads import UploadRecords
 from .base import CHUNK_SIZE, FileInfo, Progress, Storage, StorageError, StoredFileExists, StoredFileMissing, Writer, check_key
 
 logger = logging.getLogger("server.storage.s3")
@@ -195,6 +196,7 @@ class S3Writer(Writer):
         if self._upload_id is None:
             answer = storage.call(storage.client().create_multipart_upload, Bucket=storage.config.bucket, Key=self._key)
             self._upload_id = answer["UploadId"]
+            storage.uploads.add(storage.config.endpoint, storage.config.bucket, self._key, self._upload_id)
             self._pool = ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
         number, self._next_part = self._next_part, self._next_part + 1
         assert self._pool is not None
@@ -241,6 +243,7 @@ class S3Writer(Writer):
                 storage.refuse_existing(self._key)
                 storage.conditional(client.complete_multipart_upload, Bucket=bucket, Key=self._key,
                                     UploadId=self._upload_id, MultipartUpload={"Parts": parts})
+                storage.uploads.remove(storage.config.endpoint, storage.config.bucket, self._key, self._upload_id)
                 self._upload_id = None
         except BaseException:
             self.abort()
@@ -264,7 +267,8 @@ class S3Writer(Writer):
         self._close_pool()
         self._release_buffers()
         if self._upload_id is not None:
-            self._storage.abort_upload(self._key, self._upload_id)
+            if not self._storage.abort_upload(self._key, self._upload_id):
+                self._storage.uploads.release(self._upload_id)  # retried before the next write
             self._upload_id = None
 
     def _release_buffers(self) -> None:
@@ -281,15 +285,16 @@ class S3Writer(Writer):
 class S3Storage(Storage):
     kind = "s3"
 
-    def __init__(self, config: S3Config, temp_dir: Path) -> None:
+    def __init__(self, config: S3Config, temp_dir: Path, uploads: UploadRecords | None = None) -> None:
         self.config = config
         self.temp_dir = temp_dir
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._conditional_writes = True  # If-None-Match: *, until the server says it does not know it
-        # Multipart uploads whose abort failed (the endpoint was down); tried again before each write.
-        self._stale_uploads: list[tuple[str, str]] = []
-        self._stale_lock = threading.Lock()
+        # Multipart uploads begun and not yet completed or aborted, kept in a file of pb_data when
+        # given: those of a process that was killed, or whose abort failed (the endpoint was down),
+        # are aborted at the next start and before each write.
+        self.uploads = uploads if uploads is not None else UploadRecords(None)
 
     # --- the client (blocking) --------------------------------------------------------------
 
@@ -351,26 +356,31 @@ class S3Storage(Storage):
             raise explain(exc, self.config) from None
         return FileInfo(key, int(answer["ContentLength"]), answer["LastModified"].astimezone(timezone.utc))
 
-    def abort_upload(self, key: str, upload_id: str) -> None:
+    def abort_upload(self, key: str, upload_id: str) -> bool:
+        """Abort an unfinished multipart upload; ``False`` (and it stays recorded) if S3 could not be told."""
         try:
             try:
                 self.client().abort_multipart_upload(Bucket=self.config.bucket, Key=key, UploadId=upload_id)
             except ClientError as exc:
-                if _code(exc) in ("NoSuchUpload", "404"):
-                    return  # already gone (aborted, expired, or forgotten by a restarted server)
-                raise explain(exc, self.config) from None
+                if _code(exc) not in ("NoSuchUpload", "404"):  # else already gone (aborted or expired)
+                    raise explain(exc, self.config) from None
             except Exception as exc:
                 raise explain(exc, self.config) from None
         except StorageError as exc:
             logger.warning("could not abort an unfinished S3 upload of %s (%s); will retry", key, exc)
-            with self._stale_lock:
-                self._stale_uploads.append((key, upload_id))
+            return False
+        self.uploads.remove(self.config.endpoint, self.config.bucket, key, upload_id)
+        return True
+
+    def abort_unfinished(self) -> int:
+        """Abort the recorded uploads of this bucket that no writer owns; the number aborted."""
+        aborted = 0
+        for key, upload_id in self.uploads.unowned(self.config.endpoint, self.config.bucket):
+            aborted += self.abort_upload(key, upload_id)
+        return aborted
 
     def _abort_stale(self) -> None:
-        with self._stale_lock:
-            stale, self._stale_uploads = self._stale_uploads, []
-        for key, upload_id in stale:
-            self.abort_upload(key, upload_id)
+        self.abort_unfinished()
 
     # --- the interface ----------------------------------------------------------------------
 
