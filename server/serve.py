@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import faults
 from .api import create_asgi_app
@@ -99,6 +100,35 @@ class _Server(uvicorn.Server):
         if self._wake is not None:
             self._wake.set()
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's graceful shutdown, except that a connection accepted but not yet read is served.
+
+        uvicorn closes every connection with no request in progress, including one whose first
+        request is still unread in its buffer: that client sees a reset instead of an answer,
+        although the listening socket lives on for the re-exec. So: stop accepting (new clients
+        wait in the backlog for the next process), let such connections have their request read
+        for up to ``FIRST_REQUEST_GRACE`` (it is then answered with ``Connection: close``), and
+        only then shut down as uvicorn does."""
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FIRST_REQUEST_GRACE
+        while loop.time() < deadline and any(_unread_request(c) for c in list(self.server_state.connections)):
+            await asyncio.sleep(0.005)
+        await super().shutdown(sockets)
+
+
+FIRST_REQUEST_GRACE = 0.25  # seconds
+
+
+def _unread_request(connection: object) -> bool:
+    """A connection without a request in progress that is new, or holds part of its next request."""
+    if not isinstance(connection, H11Protocol):
+        return False
+    if connection.cycle is not None and not connection.cycle.response_complete:
+        return False  # in progress: uvicorn lets it finish
+    return connection.conn.their_http_version is None or bool(connection.conn.trailing_data[0])
+
 
 def serve(address: str, data_dir: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -132,7 +162,7 @@ def serve(address: str, data_dir: str) -> None:
     # proxy_headers=False: the client IP comes from the socket unless settings.trustedProxy says
     # otherwise (uvicorn would trust X-Forwarded-For from 127.0.0.1 by default).
     config = uvicorn.Config(create_asgi_app(core, on_started=banner), log_level="warning", lifespan="on", access_log=False,
-                            timeout_graceful_shutdown=10, proxy_headers=False)
+                            timeout_graceful_shutdown=10, proxy_headers=False, http="h11")
     server = _Server(config)
     restores: list[RestoreReady] = []
 
