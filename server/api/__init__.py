@@ -225,6 +225,7 @@ def create_asgi_app(core: App, on_started: Callable[[], Awaitable[None]] | None 
         exception_handlers={ApiError: _api_error, HTTPException: _http_error},
     )
     app.state.core = core
+    app.router.redirect_slashes = False  # as PocketBase: /api/health/ is a 404, not a redirect
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestLogMiddleware, core=core)
     app.add_middleware(UnexpectedErrorMiddleware, core=core)  # outermost: the request log sees the 500
