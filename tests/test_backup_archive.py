@@ -298,7 +298,8 @@ async def test_storage_read_ranges(store: LocalStorage) -> None:
 
 
 BAD_KEYS = ["a/b.zip", "a\\b.zip", "..", ".", "../x.zip", "..\\x.zip", ".hidden.zip", "a\x00b.zip", "",
-            "x" * 252 + ".zip", "é" * 126 + ".zip", "/etc/passwd", "a\nb.zip", "a\tb.zip", "a.zip\n", "a.zip\r"]
+            "x" * 252 + ".zip", "é" * 126 + ".zip", "/etc/passwd", "a\nb.zip", "a\tb.zip", "a.zip\n", "a.zip\r",
+            "\ud800x.zip"]  # a lone surrogate
 
 
 @pytest.mark.parametrize("key", BAD_KEYS, ids=[ascii(k)[:24] for k in BAD_KEYS])

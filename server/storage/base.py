@@ -37,7 +37,11 @@ class StoredFileExists(StorageError):
 
 
 def check_key(key: str) -> str:
-    if not key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_LENGTH or not _KEY_RE.fullmatch(key) or key in (".", ".."):
+    try:
+        size = len(key.encode("utf-8"))  # a lone surrogate is no file name (nor an S3 key)
+    except UnicodeEncodeError:
+        raise InvalidKey("invalid key") from None
+    if not key or size > MAX_KEY_LENGTH or not _KEY_RE.fullmatch(key) or key in (".", ".."):
         raise InvalidKey("invalid key")
     return key
 
