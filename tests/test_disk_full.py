@@ -224,6 +224,21 @@ def backup_files(server: ServerProcess) -> list[str]:
     return sorted(p.name for p in (server.data_dir / "backups").iterdir())
 
 
+def assert_restore_refused_for_space(api: Api, su: dict[str, str], server: ServerProcess, key: str, storage: Path,
+                                     files: dict[str, str], before: dict[str, dict[str, Any]], note: str) -> None:
+    """A restore of ``key`` fails for want of space, leaves nothing, changes nothing; writes go on."""
+    last = start_restore(api, su, key)
+    assert last["ok"] is False, last
+    assert_clear(last["error"], server, "space", "disk")
+    assert leftovers(server) == []
+    assert backup_files(server) == [key]
+    assert digests(storage) == files
+    assert_still_serving(api, su, before)
+    written = add_note(api, su, note, 100 + len(before))
+    before[written["id"]] = written
+    assert notes(api, su) == before
+
+
 def assert_still_serving(api: Api, su: dict[str, str], expected: dict[str, dict[str, Any]]) -> None:
     """Health 200 with the lock free, the records readable and as they were."""
     response = api.http.get("/api/health", headers=su)
@@ -316,17 +331,8 @@ def test_a_file_size_limit_fails_backup_upload_and_restore_cleanly(limited: Limi
         assert_still_serving(api, su, before)
 
         # A restore whose extraction does not fit: fails before touching the current data.
-        last = start_restore(api, su, "restorable.zip")
-        assert last["ok"] is False, last
-        assert_clear(last["error"], server, "space", "disk")
-        assert leftovers(server) == []
-        assert backup_files(server) == ["restorable.zip"]
-        assert digests(storage) == files
-        assert_still_serving(api, su, before)
-        # Small writes still fit under the limit.
-        written = add_note(api, su, "written while limited", 100)
-        before[written["id"]] = written
-        assert notes(api, su) == before
+        assert_restore_refused_for_space(api, su, server, "restorable.zip", storage, files, before,
+                                         "written while limited")  # small writes still fit
     finally:
         api.close()
 
@@ -421,16 +427,8 @@ def test_a_full_file_system_fails_backup_upload_and_restore_cleanly(small_disk: 
 
         # A restore of it cannot fit beside the current data: refused before extracting anything.
         assert disk.free() < keep * MB, (disk.free(), keep)
-        last = start_restore(api, su, "fits.zip")
-        assert last["ok"] is False, last
-        assert_clear(last["error"], server, "space", "disk")
-        assert leftovers(server) == []
-        assert backup_files(server) == ["fits.zip"]
-        assert digests(storage) == files
-        assert_still_serving(api, su, before)
-        written = add_note(api, su, "written after the refused restore", 101)
-        before[written["id"]] = written
-        assert notes(api, su) == before
+        assert_restore_refused_for_space(api, su, server, "fits.zip", storage, files, before,
+                                         "written after the refused restore")
     finally:
         api.close()
 
