@@ -1159,3 +1159,16 @@ def test_no_journal_nothing_to_do(swap_setup: Any) -> None:
     root, _new_dir, old_tree, _new_tree, _kept = swap_setup
     assert restore.interrupted(root) is None and restore.pending(root) is None
     assert tree(root, skip_top=KEPT_TOP) == old_tree
+
+
+def test_a_work_dir_without_journal_is_removed_and_the_data_kept(swap_setup: Any) -> None:
+    # A crash after a commit removed the journal, before the old data left the work directory
+    # (or before a swap wrote its journal): what is left there is no data any more.
+    root, _new_dir, old_tree, _new_tree, _kept = swap_setup
+    left = root / restore.WORK_DIR / "old"
+    left.mkdir(parents=True)
+    (left / "data.db").write_bytes(b"the previous data, already replaced")
+    (left / "storage").mkdir()
+    assert restore.interrupted(root) is None and restore.pending(root) is None
+    assert not (root / restore.WORK_DIR).exists()
+    assert tree(root, skip_top=KEPT_TOP) == old_tree

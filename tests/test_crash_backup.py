@@ -47,9 +47,12 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+WRITES_PER_ROUND = 150  # then the writer idles: in `make soak` the data must not grow without end
+
+
 class Writer(threading.Thread):
-    """Adds records (every third with a small file) until stopped or the server dies; remembers
-    each one the server acknowledged, with the digest of its file."""
+    """Adds records (every third with a small file), at most ``WRITES_PER_ROUND``, until stopped or
+    the server dies; remembers each one the server acknowledged, with the digest of its file."""
 
     def __init__(self, server: ServerProcess, headers: dict[str, str], start: int) -> None:
         super().__init__(daemon=True)
@@ -62,6 +65,9 @@ class Writer(threading.Thread):
     def run(self) -> None:
         with httpx.Client(base_url=self.server.url, timeout=10) as client:
             while not self.stop.is_set():
+                if len(self.acked) >= WRITES_PER_ROUND:
+                    self.stop.wait(0.05)
+                    continue
                 doc = os.urandom(5000 + self.n % 97) if self.n % 3 == 0 else None
                 try:
                     if doc is None:
@@ -77,7 +83,7 @@ class Writer(threading.Thread):
                     return
                 self.acked[response.json()["id"]] = (self.n, None if doc is None else digest(doc))
                 self.n += 1
-                time.sleep(0.002)
+                time.sleep(0.01)  # ~1.5 s of writes at least: they go on through the backup and the kill
 
 
 def records_on_disk(server: ServerProcess) -> dict[str, tuple[int, str | None]]:

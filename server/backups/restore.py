@@ -144,9 +144,19 @@ def _finish(root: Path, background: bool = False) -> None:
 
 
 def interrupted(root: Path) -> Outcome | None:
-    """Undo a swap that a crash cut short (phase ``swapping``); ``None`` if there was none."""
+    """Undo a swap that a crash cut short (phase ``swapping``); ``None`` if there was none.
+
+    A work directory without a journal is what a crash left of a restore that had not begun to
+    move anything (the journal is written first) or that had ended (the journal is removed last,
+    before the work directory): nothing in it is data any more, and it is deleted."""
     journal = read_journal(root)
-    if journal is None or journal.get("phase") != "swapping":
+    if journal is None:
+        work = root / WORK_DIR
+        if work.is_dir() and not work.is_symlink():
+            logger.warning("removing what an ended restore left in %s", WORK_DIR)
+            shutil.rmtree(work, ignore_errors=True)
+        return None
+    if journal.get("phase") != "swapping":
         return None
     logger.warning("a restore was interrupted during the swap: putting the previous data back")
     _undo(root, journal)
