@@ -455,11 +455,17 @@ async def test_uploads_of_a_killed_process_are_aborted_by_the_next_write(s3_serv
     assert record.stat().st_mode & 0o777 == 0o600
     assert killed.uploads.unowned(config.endpoint, bucket) == []  # its own writer is alive
 
+    # One killed after asking S3 for an upload, before it learnt the id: only its key is recorded.
+    client = killed.client()
+    client.create_multipart_upload(Bucket=bucket, Key="unanswered.zip")
+    UploadRecords(record).add(config.endpoint, bucket, "unanswered.zip")
+    assert sorted(u["Key"] for u in uploads(killed)) == ["killed.zip", "unanswered.zip"]
+
     # A new process (a new record object on the same file), other buckets' records left alone.
     restarted = S3Storage(config, tmp_path / "temp", UploadRecords(record))
     restarted.uploads.add("http://elsewhere:9", "other", "x.zip", "other-upload")
-    restarted.uploads.release("other-upload")
-    live = await asyncio.to_thread(restarted.open_write, "live.zip")  # aborts killed.zip first
+    restarted.uploads.release("http://elsewhere:9", "other", "x.zip")
+    live = await asyncio.to_thread(restarted.open_write, "live.zip")  # aborts both first
     await asyncio.to_thread(live.write, payload(2 * PART))
     assert [u["Key"] for u in uploads(restarted)] == ["live.zip"]
     assert restarted.open_write("third.zip").abort() is None  # does not abort the live writer's upload

@@ -194,9 +194,15 @@ class S3Writer(Writer):
     def _send(self, buffer: bytearray, length: int) -> None:
         storage = self._storage
         if self._upload_id is None:
-            answer = storage.call(storage.client().create_multipart_upload, Bucket=storage.config.bucket, Key=self._key)
+            endpoint, bucket = storage.config.endpoint, storage.config.bucket
+            storage.uploads.add(endpoint, bucket, self._key)  # first: a kill before the answer leaves a trace
+            try:
+                answer = storage.call(storage.client().create_multipart_upload, Bucket=bucket, Key=self._key)
+            except BaseException:
+                storage.uploads.release(endpoint, bucket, self._key)  # S3 may have begun one: found later
+                raise
             self._upload_id = answer["UploadId"]
-            storage.uploads.add(storage.config.endpoint, storage.config.bucket, self._key, self._upload_id)
+            storage.uploads.add(endpoint, bucket, self._key, self._upload_id)
             self._pool = ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
         number, self._next_part = self._next_part, self._next_part + 1
         assert self._pool is not None
@@ -268,7 +274,8 @@ class S3Writer(Writer):
         self._release_buffers()
         if self._upload_id is not None:
             if not self._storage.abort_upload(self._key, self._upload_id):
-                self._storage.uploads.release(self._upload_id)  # retried before the next write
+                # retried before the next write
+                self._storage.uploads.release(self._storage.config.endpoint, self._storage.config.bucket, self._key)
             self._upload_id = None
 
     def _release_buffers(self) -> None:
@@ -373,11 +380,38 @@ class S3Storage(Storage):
         return True
 
     def abort_unfinished(self) -> int:
-        """Abort the recorded uploads of this bucket that no writer owns; the number aborted."""
+        """Abort the recorded uploads of this bucket that no writer owns; the number aborted.
+
+        A key recorded without an upload id (its process died before S3 answered) has its uploads
+        looked up by listing; none found, the record goes."""
         aborted = 0
         for key, upload_id in self.uploads.unowned(self.config.endpoint, self.config.bucket):
-            aborted += self.abort_upload(key, upload_id)
+            if upload_id:
+                aborted += self.abort_upload(key, upload_id)
+                continue
+            try:
+                found = self._uploads_of(key)
+            except StorageError as exc:
+                logger.warning("could not list the unfinished S3 uploads of %s (%s); will retry", key, exc)
+                continue
+            done = [self.abort_upload(key, found_id) for found_id in found]
+            aborted += sum(done)
+            if all(done):
+                self.uploads.remove(self.config.endpoint, self.config.bucket, key, "")
         return aborted
+
+    def _uploads_of(self, key: str) -> list[str]:
+        """The ids of the unfinished multipart uploads of ``key``."""
+        client = self.client()
+        try:
+            answer = client.list_multipart_uploads(Bucket=self.config.bucket, Prefix=key)
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchUpload", "404"):  # rclone's answer for a bucket that never had one
+                return []
+            raise explain(exc, self.config) from None
+        except Exception as exc:
+            raise explain(exc, self.config) from None
+        return [upload["UploadId"] for upload in answer.get("Uploads", []) if upload.get("Key") == key]
 
     def _abort_stale(self) -> None:
         self.abort_unfinished()

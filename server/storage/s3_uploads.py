@@ -19,39 +19,46 @@ class UploadRecords:
     A writer adds its upload when S3 gives it an id and removes it once completed or aborted. What
     remains belongs to a process that was killed, or to an abort that failed: ``unowned`` lists
     those (for one endpoint and bucket) so that they are aborted instead of costing storage until
-    a lifecycle rule. ``path`` ``None``: kept in memory only."""
+    a lifecycle rule. A writer records its key *before* asking S3 for an upload (``upload_id``
+    ""), so that a process killed before it learnt the id still leaves a trace: the uploads of
+    that key are then found by listing. ``path`` ``None``: kept in memory only."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._memory: list[dict[str, str]] = []
-        self._owned: set[str] = set()  # upload ids of this process's live writers
+        self._owned: set[tuple[str, str, str]] = set()  # (endpoint, bucket, key) of this process's live writers
 
-    def add(self, endpoint: str | None, bucket: str, key: str, upload_id: str) -> None:
+    def add(self, endpoint: str | None, bucket: str, key: str, upload_id: str = "") -> None:
+        """Record an upload of ``key`` (its id, or "" before S3 gave one), owned by the caller."""
         with self._lock:
-            self._owned.add(upload_id)
-            records = self._read()
-            records.append(self._record(endpoint, bucket, key, upload_id))
-            self._write(records)
+            self._owned.add((endpoint or "", bucket, key))
+            record = self._record(endpoint, bucket, key, upload_id)
+            records = [r for r in self._read() if r != self._record(endpoint, bucket, key, "")] if upload_id else self._read()
+            self._write(records + [record])
 
     def remove(self, endpoint: str | None, bucket: str, key: str, upload_id: str) -> None:
+        """The upload ``upload_id`` of ``key`` is completed or aborted: forget it (and its owner)."""
         with self._lock:
-            self._owned.discard(upload_id)
+            self._owned.discard((endpoint or "", bucket, key))
             record = self._record(endpoint, bucket, key, upload_id)
             records = self._read()
             if record in records:
                 self._write([r for r in records if r != record])
 
-    def release(self, upload_id: str) -> None:
-        """The writer of ``upload_id`` gave up on it (its abort failed): anyone may abort it now."""
+    def release(self, endpoint: str | None, bucket: str, key: str) -> None:
+        """The writer of ``key`` gave up on its upload (its abort failed, or S3 never said whether it
+        began one): anyone may abort it now."""
         with self._lock:
-            self._owned.discard(upload_id)
+            self._owned.discard((endpoint or "", bucket, key))
 
     def unowned(self, endpoint: str | None, bucket: str) -> list[tuple[str, str]]:
-        """The recorded uploads to ``endpoint``/``bucket`` that no writer of this process owns."""
+        """``(key, upload id or "")`` of the recorded uploads to ``endpoint``/``bucket`` that no writer
+        of this process owns."""
         with self._lock:
             return [(r["key"], r["uploadId"]) for r in self._read()
-                    if r["endpoint"] == (endpoint or "") and r["bucket"] == bucket and r["uploadId"] not in self._owned]
+                    if r["endpoint"] == (endpoint or "") and r["bucket"] == bucket
+                    and (r["endpoint"], r["bucket"], r["key"]) not in self._owned]
 
     @staticmethod
     def _record(endpoint: str | None, bucket: str, key: str, upload_id: str) -> dict[str, str]:
