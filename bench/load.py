@@ -40,6 +40,8 @@ from typing import Any
 
 import httpx
 
+from .compare import percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 ENDPOINTS = ("backups", "records", "health")
 HEALTH_BODY = {"message": "API is healthy.", "code": 200, "data": {}}
@@ -275,14 +277,6 @@ class Load:
 
 
 # --- figures --------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile; None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
 
 
 def _ms(value: float | None) -> float | None:

@@ -413,9 +413,6 @@ class S3Storage(Storage):
             raise explain(exc, self.config) from None
         return [upload["UploadId"] for upload in answer.get("Uploads", []) if upload.get("Key") == key]
 
-    def _abort_stale(self) -> None:
-        self.abort_unfinished()
-
     # --- the interface ----------------------------------------------------------------------
 
     async def list(self, prefix: str = "") -> list[FileInfo]:
@@ -468,7 +465,7 @@ class S3Storage(Storage):
 
     def open_write(self, key: str) -> S3Writer:
         check_key(key)
-        self._abort_stale()
+        self.abort_unfinished()  # those of a killed process, or whose abort failed
         return S3Writer(self, key)
 
     @asynccontextmanager
