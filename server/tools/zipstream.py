@@ -22,7 +22,9 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+
+from .threads import background_pool
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -99,7 +101,7 @@ class ZipStream:
                  cancel: threading.Event | None = None) -> None:
         self._out = out
         self._level = level
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="deflate")
+        self._pool = background_pool(workers, "deflate")  # below the event loop's priority
         self._in_flight = max(1, workers) * 2 + 1
         self._cancel = cancel or threading.Event()
         self._entries: list[ZipEntry] = []
