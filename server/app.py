@@ -100,9 +100,13 @@ class App:
             journal = None
             await self._open_data()
         if journal is not None:
-            # A server serves the new data while the old is deleted; the CLI waits for it.
+            # A server serves the new data while the old is deleted (or kept, to be saved as a
+            # backup: ``preserve_replaced``); the CLI waits for it.
             outcome = await asyncio.to_thread(restore.commit, root, journal, self._serving)
             faults.point("restore-committed")
+        if outcome is None and maintenance:
+            # A restore committed before this start, whose replaced data still awaits its copy.
+            outcome = await asyncio.to_thread(restore.committed_outcome, root)
         if outcome is not None:
             self.backups.record_restore_outcome(outcome)
 
@@ -129,6 +133,8 @@ class App:
         self.scheduler.on_error = lambda job_id, exc: self.logs.error(f"Cron job {job_id} failed", error=str(exc))
         self.scheduler.start()
         self._started = True
+        # The data a restore replaced becomes a backup now that the restored data is served.
+        self.backups.start_preserving()
 
     async def close(self) -> None:
         if self._started:

@@ -157,14 +157,15 @@ async def verify_backup(app: App, args: argparse.Namespace, progress: Progress) 
         progress.update(done, total)
 
     try:
-        result = await app.backups.verify(args.key, report)
+        result = await app.backups.verify(args.key, report, quick=args.quick)
     except archive.ArchiveError as exc:
         progress.done()
         raise Failure(f"{args.key} is NOT a valid backup: {exc}") from None
     checks = "manifest checksums, " if result["manifest"] else "no manifest (a PocketBase-style zip); "
     files = f"{result['files']} files, " if result["files"] is not None else ""
+    check = "quick_check" if result["verified"] == archive.QUICK_TIER else "integrity_check"
     progress.done()
-    print(f"{args.key} is a valid backup: {files}{_mb(result['bytes'])}; {checks}databases pass integrity_check.")
+    print(f"{args.key} is a valid backup: {files}{_mb(result['bytes'])}; {checks}databases pass {check}.")
 
 
 async def delete_backup(app: App, args: argparse.Namespace, progress: Progress) -> None:
@@ -204,11 +205,15 @@ async def restore_backup(data_dir: str, args: argparse.Namespace, progress: Prog
     try:
         ready = await _prepare_restore(app, args.key, progress)
         progress.step("Swapping the data")
-        await asyncio.to_thread(restore.swap_in, app.datadir.root, ready.new_dir, ready.key, ready.started_at)
+        await asyncio.to_thread(restore.swap_in, app.datadir.root, ready.new_dir, ready.key, ready.started_at,
+                                ready.verified, ready.safety)
         progress.step("Opening the restored data")
         async with opened(data_dir) as restored:  # commits the swap, or rolls it back
             outcome = restored.backups.last
             await restored.logs.prepare()  # "Backup restored" (or its failure), as a server logs it
+            if outcome is not None and outcome.get("ok") and restore.preserving(restored.datadir.root) is not None:
+                progress.step("Saving the replaced data as a backup")
+                await _follow(restored.backups, progress, restored.backups.preserve_replaced())
             await restored.logs.flush()
     finally:
         lock.release_exclusive()
@@ -217,6 +222,12 @@ async def restore_backup(data_dir: str, args: argparse.Namespace, progress: Prog
         raise Failure(f"The restored data did not open; the previous data was put back: {reason}")
     progress.done("Done.")
     print(f"Restored {args.key}")
+    safety = (outcome or {}).get("safetyCopy")
+    if safety is not None and safety.get("ok") and safety.get("key"):
+        print(f"The replaced data was saved as {safety['key']}")
+    elif safety is not None and not safety.get("ok"):
+        progress.line(f"Warning: the replaced data could not be saved as a backup ({safety.get('error')}); it is kept "
+                      "in the data directory and saved at the next start")
 
 
 async def _prepare_restore(app: App, key: str, progress: Progress) -> RestoreReady:
@@ -265,6 +276,10 @@ def add_parser(commands: Any, default_dir: str) -> None:
                        ("delete", "delete a backup")):
         action = actions.add_parser(name, parents=[common], help=text)
         action.add_argument("key")
+        if name == "verify":
+            action.add_argument("--quick", action="store_true",
+                                help="check the databases as a restore does (quick_check when the manifest's "
+                                     "checksums match) instead of the full integrity_check")
     prune = actions.add_parser("prune", parents=[common], help="delete all but the newest scheduled backups")
     prune.add_argument("--keep", type=int, required=True, metavar="N", help="how many to keep (0: delete all)")
     prune.add_argument("--all", action="store_true", help="consider every backup, not only the scheduled ones")

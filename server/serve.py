@@ -64,7 +64,7 @@ def _restart(keep_fd: int, ready: RestoreReady, root: Path) -> None:
     """Swap the verified backup in and re-execute this process, listening socket included."""
     faults.point("restore-stopped")
     try:
-        swap_in(root, ready.new_dir, ready.key, ready.started_at)
+        swap_in(root, ready.new_dir, ready.key, ready.started_at, ready.verified, ready.safety)
     except Exception:
         # The journal written by swap_in lets the next start undo a partial swap.
         logging.getLogger("server").exception("the restore swap failed")

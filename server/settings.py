@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "backups": {
         "cron": "",
         "cronMaxKeep": 3,
+        # ours: how many safety copies of the data a full restore replaced are kept (0: none made)
+        "preRestoreMaxKeep": 3,
         "s3": {"enabled": False, "bucket": "", "region": "", "endpoint": "", "accessKey": "", "secret": "",
                "forcePathStyle": False},
     },
@@ -173,6 +175,8 @@ def validate(data: dict[str, Any]) -> dict[str, Any]:
             "Invalid cron expression - must be a valid macro or to have exactly 5 space separated segments.")
     if backups["cronMaxKeep"] < 0:
         put("backups", "cronMaxKeep", "validation_min_greater_equal_than_required", "Must be no less than 0.")
+    if backups["preRestoreMaxKeep"] < 0:
+        put("backups", "preRestoreMaxKeep", "validation_min_greater_equal_than_required", "Must be no less than 0.")
     s3 = backups["s3"]
     if check_types("backups", s3, DEFAULTS["backups"]["s3"], sub="s3") and s3["enabled"]:
         for key in ("bucket", "region", "endpoint", "accessKey", "secret"):

@@ -115,6 +115,16 @@ def integrity_failing_db() -> bytes:
         scratch.unlink(missing_ok=True)
 
 
+def malformed_db() -> bytes:
+    """A database whose b-tree structure is broken (a table page's cell pointers are overwritten),
+    which even ``quick_check`` finds."""
+    data = bytearray(db_bytes(3000))
+    page = 4096
+    assert len(data) > 4 * page
+    data[2 * page + 8:2 * page + 40] = b"\xff" * 32  # page 3: its cell pointer array
+    return bytes(data)
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -776,11 +786,12 @@ def case_manifest(content: bytes) -> Callable[[Path], Path]:
     return lambda path: write_zip(path, [*good_files().items(), (MANIFEST, content)])
 
 
-def case_database(name: str, data: bytes) -> Callable[[Path], Path]:
+def case_database(name: str, data: bytes, manifest: bool = True) -> Callable[[Path], Path]:
     def build(path: Path) -> Path:
         files = good_files()
         files[name] = data
-        return write_zip(path, good_entries(files))  # the manifest agrees: the database check must catch it
+        # With a manifest, it agrees: the database check must catch it.
+        return write_zip(path, good_entries(files, manifest=manifest))
     return build
 
 
@@ -897,7 +908,12 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], str, bool]] = [
     ("data-db-random", case_database("data.db", os.urandom(8192)), "data.db is not a valid SQLite database", False),
     ("aux-db-random", case_database("auxiliary.db", os.urandom(8192)), "auxiliary.db is not a valid SQLite database", False),
     ("data-db-text", case_database("data.db", b"this is not a database\n" * 100), "data.db is not a valid SQLite database", False),
-    ("data-db-integrity", case_database("data.db", integrity_failing_db()), "data.db failed its integrity check", False),
+    # Without a manifest, nothing vouches for the bytes: the full integrity_check runs and catches an
+    # index that disagrees with its table (see test_verification_tiers for the archive with one).
+    ("data-db-integrity", case_database("data.db", integrity_failing_db(), manifest=False),
+     "data.db failed its integrity check", False),
+    ("data-db-malformed", case_database("data.db", malformed_db()),
+     r"data\.db (failed its integrity check|is not a valid SQLite database)", False),
     ("truncated", case_truncated, UNREADABLE, True),
     ("tail-cut", case_tail_cut, UNREADABLE, True),
     ("not-a-zip", case_raw(os.urandom(50_000)), UNREADABLE, True),
@@ -1172,3 +1188,30 @@ def test_a_work_dir_without_journal_is_removed_and_the_data_kept(swap_setup: Any
     assert restore.interrupted(root) is None and restore.pending(root) is None
     assert not (root / restore.WORK_DIR).exists()
     assert tree(root, skip_top=KEPT_TOP) == old_tree
+
+
+def test_verification_tiers(tmp_path: Path) -> None:
+    """CONTRACT.md, "Restore, step by step": a manifest whose every SHA-256 matches proves the bytes
+    are the snapshot SQLite produced, so a restore runs ``quick_check``; the full
+    ``integrity_check`` runs without a manifest, or when asked for (``backup verify``)."""
+    files = good_files()
+    files["data.db"] = integrity_failing_db()  # structurally sound, one index out of step with its table
+    with_manifest = write_zip(tmp_path / "ours.zip", good_entries(files))
+    plain = write_zip(tmp_path / "plain.zip", good_entries(files, manifest=False))
+
+    manifest = extract(with_manifest, tmp_path / "quick")
+    assert manifest is not None and archive.tier(manifest) == "sha256+quick_check"
+    with pytest.raises(ArchiveError, match="data.db failed its integrity check"):
+        extract(with_manifest, tmp_path / "full", full_check=True)
+    assert archive.tier(manifest, True) == "sha256+integrity_check"
+    with pytest.raises(ArchiveError, match="data.db failed its integrity check"):
+        extract(plain, tmp_path / "plain")
+    assert archive.tier(None) == archive.tier(None, True) == "integrity_check"
+
+    # The quick tier applies only to bytes the manifest vouches for: one changed byte of data.db
+    # with the manifest left as it was is a checksum failure, before any database check.
+    changed = dict(files)
+    changed["data.db"] = files["data.db"][:-1] + bytes([files["data.db"][-1] ^ 1])
+    entries = [(name, data) for name, data in changed.items()] + [(MANIFEST, manifest_for(files))]
+    with pytest.raises(ArchiveError, match="checksum of 'data.db' does not match"):
+        extract(write_zip(tmp_path / "changed.zip", entries), tmp_path / "changed")

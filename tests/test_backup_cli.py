@@ -28,7 +28,7 @@ import pytest
 
 from conftest import (ROOT, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, free_port,
                       run_cli, wait_for)
-from test_backup_restore import MANIFEST, add_note, login, make_notes, notes, rewrite_zip, wait_idle
+from test_backup_restore import MANIFEST, SAFETY_NAME, add_note, login, make_notes, notes, rewrite_zip, wait_idle
 
 BUSY = "Try again later - another backup/restore process has already been started."
 AUTO_NAME = re.compile(r"^pb_backup_acme_(\d{14})\.zip$")
@@ -325,6 +325,13 @@ def test_verify_tells_a_sound_backup_from_damaged_ones(data_dir: Path) -> None:
         assert result.stdout == "" and "Traceback" not in stderr
         assert temp_entries(data_dir) == [], key
 
+    # --quick: the restore's tier. The manifest vouches for integrity.zip's bytes, so quick_check
+    # runs, which does not match indexes against their tables; the full check above caught it.
+    assert ok(cli(data_dir, "verify", "--quick", "integrity.zip")).stdout.endswith("databases pass quick_check.\n")
+    assert "databases pass integrity_check." in ok(cli(data_dir, "verify", "--quick", "bare.zip")).stdout
+    stderr = failed(cli(data_dir, "verify", "--quick", "notsqlite.zip"))
+    assert "data.db is not a valid SQLite database" in stderr
+
     stderr = failed(cli(data_dir, "verify", "missing.zip"))
     assert "No backup named 'missing.zip'" in stderr
     assert temp_entries(data_dir) == []
@@ -425,7 +432,8 @@ def test_restore_with_the_server_stopped_and_refusals(data_dir: Path) -> None:
 
     # Damaged backups, or none: refused with the reason, the data unchanged and nothing left over.
     source = data_dir / "backups" / "snap.zip"
-    rewrite_zip(source, data_dir / "backups" / "bad.zip", break_index(data_dir.parent / "work.db"))
+    # (No manifest vouches for its bytes, so the restore runs the full integrity_check.)
+    rewrite_zip(source, data_dir / "backups" / "bad.zip", break_index(data_dir.parent / "work.db"), manifest_too=False)
     stderr = failed(cli(data_dir, "restore", "bad.zip"))
     assert "nothing was changed" in stderr and "data.db failed its integrity check" in stderr, stderr
     with zipfile.ZipFile(source) as archive:
@@ -444,12 +452,17 @@ def test_restore_with_the_server_stopped_and_refusals(data_dir: Path) -> None:
     server.stop()
 
     result = ok(cli(data_dir, "restore", "snap.zip"))
-    assert result.stdout == "Restored snap.zip\n"
-    for step in ("Fetching, extracting and verifying snap.zip", "Swapping the data", "Opening the restored data"):
+    restored, saved = result.stdout.splitlines()
+    assert restored == "Restored snap.zip"
+    safety = saved.removeprefix("The replaced data was saved as ")
+    assert SAFETY_NAME.fullmatch(safety), saved
+    for step in ("Fetching, extracting and verifying snap.zip", "Swapping the data", "Opening the restored data",
+                 "Saving the replaced data as a backup"):
         assert step in result.stderr
     assert temp_entries(data_dir) == []
     assert not (data_dir / ".pb_restore").exists()
-    assert sorted(local_keys(data_dir)) == ["bad.zip", "flipped.zip", "snap.zip"]  # backups stay
+    # The backups stay, and the data the restore replaced is one more.
+    assert sorted(local_keys(data_dir)) == sorted(["bad.zip", "flipped.zip", "snap.zip", safety])
 
     server.start()
     su = login(server)
@@ -556,12 +569,14 @@ def test_a_cli_restore_keeps_a_server_from_starting(data_dir: Path, gated: tuple
         gate.unlink(missing_ok=True)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
-    assert stdout == "Restored snap.zip\n"
+    restored, saved = stdout.splitlines()
+    assert restored == "Restored snap.zip" and saved.startswith("The replaced data was saved as @pre_restore_")
     server = ServerProcess(data_dir)
     server.start()
     try:
         response = httpx.get(server.url + "/api/backups", headers=login(server), timeout=10)
-        assert [b["key"] for b in response.json()] == ["snap.zip"]
+        keys = [b["key"] for b in response.json()]
+        assert keys[1:] == ["snap.zip"] and SAFETY_NAME.fullmatch(keys[0]), keys
     finally:
         server.stop()
 

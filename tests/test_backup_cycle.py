@@ -21,6 +21,7 @@ import pytest
 
 from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, run_cli, wait_emptied, wait_gate_held
 from test_backup_restore import (
+    SAFETY_NAME,
     MANIFEST,
     HealthPoller,
     add_note,
@@ -233,8 +234,15 @@ def test_create_list_download_upload_restore_delete(setup: Any) -> None:
     assert api.http.get("/api/backups/status", headers=su).json()["storage"]["kind"] == store.kind
     assert wait_emptied(server.data_dir / ".pb_temp_to_delete") == []  # the download and the old data are gone
 
+    # The data the restore replaced went to the same storage, as a backup of its own.
+    assert last["verified"] == "sha256+quick_check"
+    safety = last["safetyCopy"]["key"]
+    assert last["safetyCopy"]["ok"] and SAFETY_NAME.fullmatch(safety), last
+    assert store.keys() == sorted([safety, "copy.zip", "snap.zip"])
+
     # Delete: gone from the storage and the list; a second delete is a 404.
     assert api.http.delete("/api/backups/snap.zip", headers=su).status_code == 204
+    assert api.http.delete(f"/api/backups/{safety}", headers=su).status_code == 204
     assert store.keys() == ["copy.zip"]
     assert [b["key"] for b in api.http.get("/api/backups", headers=su).json()] == ["copy.zip"]
     assert api.http.delete("/api/backups/snap.zip", headers=su).status_code == 404

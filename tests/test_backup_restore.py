@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import shutil
 import sqlite3
@@ -108,9 +109,13 @@ def notes(api: Api, headers: dict[str, str], collection: str = "notes") -> dict[
     return {item["id"]: item for item in response.json()["items"]}
 
 
-def rewrite_zip(source: Path, target: Path, change: Any) -> None:
+SAFETY_NAME = re.compile(r"@pre_restore_[a-z0-9_]+_\d{14}(_\d+)?\.zip")
+
+
+def rewrite_zip(source: Path, target: Path, change: Any, manifest_too: bool = True) -> None:
     """Copy a backup zip, letting ``change(name, data)`` return new bytes (or None to drop the
-    entry), and write a manifest that matches the new content."""
+    entry), and write a manifest that matches the new content (none with ``manifest_too=False``:
+    a PocketBase-style zip)."""
     files: dict[str, dict[str, Any]] = {}
     with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as new:
         manifest = json.loads(old.read(MANIFEST))
@@ -123,7 +128,8 @@ def rewrite_zip(source: Path, target: Path, change: Any) -> None:
             new.writestr(info.filename, data)
             files[info.filename] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest["files"] = files
-        new.writestr(MANIFEST, json.dumps(manifest))
+        if manifest_too:
+            new.writestr(MANIFEST, json.dumps(manifest))
 
 
 class HealthPoller(threading.Thread):
@@ -205,8 +211,12 @@ def test_restore_brings_back_exactly_the_backed_up_data_in_the_same_process(fres
     assert len(list(kept_dir.iterdir())) == 3  # the later record's directory is gone
     assert api.http.get("/api/collections/later_collection", headers=su).status_code == 404
     assert api.http.get("/api/settings", headers=su).json()["meta"]["appName"] == "Before Restore"
-    # The backup itself is still there, and nothing of the swap is left behind.
-    assert [b["key"] for b in api.http.get("/api/backups", headers=su).json()] == ["snap.zip"]
+    # The backup itself is still there beside the safety copy of the replaced data, and nothing
+    # of the swap is left behind.
+    keys = [b["key"] for b in api.http.get("/api/backups", headers=su).json()]
+    assert keys[1:] == ["snap.zip"] and SAFETY_NAME.fullmatch(keys[0]), keys
+    assert last["safetyCopy"] == {"key": keys[0], "ok": True, "error": None}
+    assert last["verified"] == "sha256+quick_check"
     assert not (fresh_server.data_dir / ".pb_restore").exists()
     assert wait_emptied(fresh_server.data_dir / ".pb_temp_to_delete") == []  # old data: deleted after
     health = api.http.get("/api/health", headers=su).json()
@@ -353,7 +363,7 @@ def test_create_during_restore_and_restore_during_create_are_refused(faulty_serv
     assert wait_restored(faulty_server, "base.zip")["ok"]
     su = login(faulty_server)
     keys = [b["key"] for b in api.http.get("/api/backups", headers=su).json()]
-    assert keys == ["base.zip", "second.zip"]
+    assert keys[1:] == ["base.zip", "second.zip"] and SAFETY_NAME.fullmatch(keys[0]), keys  # + the safety copy
     api.close()
 
 

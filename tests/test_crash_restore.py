@@ -48,8 +48,12 @@ POINTS = [
     ("restore-before-exec", "A"),  # about to re-execute
     ("restore-booting", "A"),  # the re-executed process, before it opens the new data
     ("restore-before-commit", "A"),  # the new data opened, the old not yet deleted
-    ("restore-committed", "A"),  # the journal gone, the old data being deleted in the background
+    ("restore-committed", "A"),  # the journal says preserving: the old data awaits its safety copy
+    ("restore-safety-writing", "A"),  # the safety copy of the old data half written
+    ("restore-before-forget", "A"),  # the safety copy published, the old data not yet deleted
 ]
+# The points after which the replaced data (B) must be found as a safety copy.
+SAFETY_POINTS = {"restore-committed", "restore-safety-writing", "restore-before-forget"}
 # The entries a data dir may hold once all is done (no old data, no journal, no stray temp work).
 ALLOWED = {"data.db", "data.db-wal", "data.db-shm", "auxiliary.db", "auxiliary.db-wal", "auxiliary.db-shm",
            "storage", "backups", ".pb_temp_to_delete", ".pb_backup.lock"}
@@ -211,8 +215,24 @@ def start_restore(server: ServerProcess, dying: bool = False) -> None:
     assert response.status_code == 204, response.text
 
 
+def wait_no_job(server: ServerProcess, timeout: float = 60) -> None:
+    """Until no job runs (a restarted server may be saving the data a restore replaced)."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(server.url + "/api/backups/status", headers=login(server), timeout=30).json()["active"]:
+        assert time.monotonic() < deadline, "a job is still running"
+        time.sleep(0.05)
+
+
+def safety_copies(server: ServerProcess) -> list[str]:
+    """The keys of the safety copies, newest first."""
+    response = httpx.get(server.url + "/api/backups", headers=login(server), timeout=30)
+    assert response.status_code == 200, response.text
+    return sorted((b["key"] for b in response.json() if b["key"].startswith("@pre_restore_")), reverse=True)
+
+
 def check_clean(server: ServerProcess) -> None:
     """Nothing of the restore is left: no journal, no old data, no temp work."""
+    wait_no_job(server)
     assert not (server.data_dir / ".pb_restore").exists()
     assert wait_emptied(server.data_dir / ".pb_temp_to_delete") == []
     assert set(os.listdir(server.data_dir)) <= ALLOWED, sorted(os.listdir(server.data_dir))
@@ -242,24 +262,33 @@ def test_a_restore_killed_at_each_step_leaves_exactly_the_old_or_the_new_data(
         server.start()
         assert template.which(server) == expect
         check_clean(server)
+        copies = safety_copies(server)
+        if point in SAFETY_POINTS:
+            # Saved at the restart; a copy published just before the kill is not trusted to be
+            # complete, so the data is saved once more beside it.
+            assert len(copies) == (2 if point == "restore-before-forget" else 1), copies
+        elif expect == "A":
+            assert len(copies) == 1, copies  # saved before the kill, or at the restart
+        else:
+            assert copies == [], copies  # nothing was replaced
 
         last = status_last(server)
         if point in ("restore-before-swap", "restore-mid-swap"):
             # The journal tells the next start that a swap was cut short, and that it was undone.
             assert last is not None and last["op"] == "restore" and last["key"] == KEY, last
             assert last["ok"] is False and "interrupted" in last["error"], last
-        elif expect == "A" and point != "restore-committed":
-            # The swapped journal was found at start: the new data booted and was committed.
+        elif expect == "A":
+            # The swapped journal was found at start: the new data booted and was committed. (Or
+            # the journal said the old data still awaited its safety copy: committed before.)
             assert last is not None and last["op"] == "restore" and last["key"] == KEY, last
             assert last["ok"] is True and last["error"] is None, last
-        elif expect == "B":
+            assert last["verified"] == "sha256+quick_check", last
+            if point in SAFETY_POINTS:
+                assert last["safetyCopy"] == {"key": copies[0], "ok": True, "error": None}, last
+        else:
             # No journal yet: the restarted process cannot know a restore ran; if it ever says so,
             # it must not claim a success.
             assert last is None or (last["key"] == KEY and last["ok"] is False), last
-        else:
-            # The journal was gone (committed) before the kill: the new data is in; if the process
-            # says anything, it is a success.
-            assert last is None or (last["key"] == KEY and last["ok"] is True), last
 
         # The restarted server works: a new backup of what it holds, a change, a restore of it.
         now = fingerprint(server, template.cutoff)
@@ -274,6 +303,12 @@ def test_a_restore_killed_at_each_step_leaves_exactly_the_old_or_the_new_data(
         assert last["ok"] is True, last
         assert fingerprint(server, template.cutoff) == now
         check_clean(server)
+        if copies:
+            # The safety copy holds exactly the data that the restore replaced.
+            last = restore(server, copies[0])
+            assert last["ok"] is True and last["verified"] == "sha256+quick_check", last
+            assert template.which(server) == "B"
+            check_clean(server)
     finally:
         server.stop()
 

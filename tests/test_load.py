@@ -203,7 +203,9 @@ def run_phases(tmp: Path) -> None:
         stored = httpx.get(url + data["file"], timeout=60)
         assert stored.status_code == 200 and len(stored.content) == data["file_bytes"] // FILES, stored.status_code
         backups = httpx.get(url + "/api/backups", headers=auth(token), timeout=60)
-        assert backups.status_code == 200 and [b["key"] for b in backups.json()] == ["load.zip"], backups.text
+        assert backups.status_code == 200, backups.text
+        # (The safety copy of the replaced data may still be being written, under the same load.)
+        assert [b["key"] for b in backups.json() if not b["key"].startswith("@pre_restore_")] == ["load.zip"]
     finally:
         server.stop()
 

@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, S3Server, ServerProcess, dumps, wait_emptied
-from test_backup_restore import login
+from test_backup_restore import SAFETY_NAME, login
+
+SAFETY = "@pre_restore_<app>_<UTC time>.zip"  # a safety copy, whatever its time
 
 E2E = Path(__file__).resolve().parent / "e2e"
 
@@ -57,10 +59,11 @@ EXPECTED: dict[str, Any] = {
     "afterRestore": {
         "titles": ["one", "three", "two"],
         "sameRecordsAsAtBackupTime": True,
-        "backups": ["sdk_one.zip", "sdk_two.zip"],
+        # ours: the data the restore replaced is kept as a backup (CONTRACT.md, restore step 6)
+        "backups": [SAFETY, "sdk_one.zip", "sdk_two.zip"],
         "health": {"code": 200, "canBackup": True},
     },
-    "delete": {"returned": True, "keys": ["sdk_one.zip"]},
+    "delete": {"returned": True, "keys": [SAFETY, "sdk_one.zip"]},
     "errors": {
         "createBadName": {"status": 400, "message": VALIDATION_MESSAGE, "data": {
             "name": {"code": "validation_match_invalid", "message": "Must be in a valid format."}}},
@@ -80,6 +83,17 @@ EXPECTED: dict[str, Any] = {
 }
 
 
+def safety_named(value: Any) -> Any:
+    """``value`` with the name of a safety copy (its time varies) replaced by ``SAFETY``."""
+    if isinstance(value, dict):
+        return {key: safety_named(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [safety_named(item) for item in value]
+    if isinstance(value, str) and SAFETY_NAME.fullmatch(value):
+        return SAFETY
+    return value
+
+
 @pytest.mark.parametrize("storage", ["local", "s3"])
 def test_sdk_backup_create_download_upload_restore_delete(fresh_server: ServerProcess, storage: str,
                                                           request: pytest.FixtureRequest) -> None:
@@ -92,7 +106,7 @@ def test_sdk_backup_create_download_upload_restore_delete(fresh_server: ServerPr
         response = httpx.patch(fresh_server.url + "/api/settings", headers=login(fresh_server),
                                json={"backups": {"s3": s3.settings(bucket)}}, timeout=30)
         assert response.status_code == 200, response.text
-    result = run_script(fresh_server.url)
+    result = safety_named(run_script(fresh_server.url))
     print("info:", result.pop("info", None))
     assert result == EXPECTED, f"got:\n{dumps(result)}\nexpected:\n{dumps(EXPECTED)}"
     # The restore re-executed the process in place: same PID, still running, started twice.
@@ -102,9 +116,9 @@ def test_sdk_backup_create_download_upload_restore_delete(fresh_server: ServerPr
     backups_dir = fresh_server.data_dir / "backups"
     on_disk = sorted(p.name for p in backups_dir.iterdir()) if backups_dir.exists() else []
     if storage == "s3":
-        assert s3.objects(bucket) == ["sdk_one.zip"] and on_disk == []
+        assert safety_named(s3.objects(bucket)) == [SAFETY, "sdk_one.zip"] and on_disk == []
     else:
-        assert on_disk == ["sdk_one.zip"]
+        assert safety_named(on_disk) == [SAFETY, "sdk_one.zip"]
     # The swap cleaned up after itself: no old data kept, no extracted copy left.
     assert not (fresh_server.data_dir / ".pb_restore").exists()
     assert wait_emptied(fresh_server.data_dir / ".pb_temp_to_delete") == []

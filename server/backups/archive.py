@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from .. import faults
+from ..tools.threads import background_pool
 from ..tools.times import now
 from ..tools.zipstream import Cancelled as ZipCancelled
 from ..tools.zipstream import ZipStream
@@ -121,7 +122,7 @@ class ArchiveWriter:
         self._cancel = cancel or threading.Event()
         self._zip = ZipStream(out, level, workers or default_workers(), self._cancel)
         # SHA-256 (for the manifest) on a thread of its own, beside reading and deflating.
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._hasher = background_pool(1, "sha256")
         self._progress = progress
         self.files: dict[str, dict[str, Any]] = {}
 
@@ -332,15 +333,35 @@ def check_upload(path: Path) -> None:
         _checked_plan(archive)
 
 
+QUICK_TIER = "sha256+quick_check"  # the manifest proves the bytes: SQLite's own structure check
+FULL_TIER = "sha256+integrity_check"  # the same, with the full check asked for (``backup verify``)
+PLAIN_TIER = "integrity_check"  # no manifest (PocketBase's zips, hand-made ones): the full check
+
+
+def tier(manifest: dict[str, Any] | None, full_check: bool = False) -> str:
+    """How an archive is verified: with a manifest whose every SHA-256 matched, the databases are
+    the very snapshots SQLite produced inside a read transaction, so ``PRAGMA quick_check``
+    suffices (0.24 s instead of 1.3 s on the reference data.db: it skips matching each index
+    against its table); without one, nothing vouches for the bytes and the full
+    ``integrity_check`` runs."""
+    if manifest is None:
+        return PLAIN_TIER
+    return FULL_TIER if full_check else QUICK_TIER
+
+
 def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
-            cancel: threading.Event | None = None, on_total: Progress = lambda n: None) -> dict[str, Any] | None:
+            cancel: threading.Event | None = None, on_total: Progress = lambda n: None,
+            full_check: bool = False) -> dict[str, Any] | None:
     """Extract a backup into the empty directory ``target`` and verify it.
 
     Verification: the structure (``plan_archive``), the actual size of every entry against its
     declared size, the manifest's size and SHA-256 of every file (when there is a manifest), and
-    ``PRAGMA integrity_check`` of the databases. Raises ``ArchiveError`` with the reason; the
-    caller removes ``target`` then. Returns the manifest (``None`` for an archive without one).
-    ``on_total`` learns the number of bytes to extract before ``progress`` counts them.
+    the databases' check of the archive's ``tier``: ``PRAGMA quick_check`` when the manifest
+    vouches for their bytes, ``PRAGMA integrity_check`` without a manifest or with
+    ``full_check``. Raises ``ArchiveError`` with the reason; the caller removes ``target`` then.
+    Returns the manifest (``None`` for an archive without one): ``tier(manifest, full_check)``
+    names the check that ran. ``on_total`` learns the number of bytes to extract before
+    ``progress`` counts them.
     """
     cancel = cancel or threading.Event()
     target.mkdir(parents=True, exist_ok=False)
@@ -352,6 +373,9 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
         if plan.total_size > free - DISK_MARGIN:
             raise ArchiveError("not enough free disk space to extract the backup")
         expected = plan.manifest["files"] if plan.manifest is not None else None
+        # A database is checked only once its own SHA-256 matched (below), so the quick tier is
+        # never applied to bytes the manifest does not vouch for.
+        quick = tier(plan.manifest, full_check) == QUICK_TIER
         if expected is not None:
             names = {str(path) for _, path in plan.entries}
             missing = sorted(set(expected) - names)
@@ -362,9 +386,8 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
                 raise ArchiveError(f"the archive entry {unlisted[0]!r} is not in its manifest")
         # Writing, hashing and the databases' integrity checks run on threads of their own, beside
         # the inflating: a database is checked as soon as it is out, while the next entries inflate.
-        with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, \
-                ThreadPoolExecutor(1, thread_name_prefix="extract-write") as writer, \
-                ThreadPoolExecutor(1, thread_name_prefix="integrity") as checker:
+        with background_pool(1, "sha256") as hasher, background_pool(1, "extract-write") as writer, \
+                background_pool(1, "integrity") as checker:
             checks: list[Future[None]] = []
             try:
                 for index, (info, path) in enumerate(plan.entries):
@@ -378,7 +401,7 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
                         if want["size"] != size or want["sha256"] != digest:
                             raise ArchiveError(f"the checksum of {str(path)!r} does not match the manifest")
                     if str(path) in DATABASES:
-                        checks.append(checker.submit(check_database, dest, str(path)))
+                        checks.append(checker.submit(check_database, dest, str(path), quick))
                 for check in checks:
                     check.result()
             finally:
@@ -465,12 +488,12 @@ def _entry_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[b
             raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
 
 
-def check_database(path: Path, name: str) -> None:
-    """``PRAGMA integrity_check`` must answer ``ok``."""
+def check_database(path: Path, name: str, quick: bool = False) -> None:
+    """``PRAGMA integrity_check`` (or, ``quick``, ``PRAGMA quick_check``) must answer ``ok``."""
     try:
         conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=rw", uri=True, isolation_level=None)
         try:
-            rows = conn.execute("PRAGMA integrity_check").fetchall()
+            rows = conn.execute("PRAGMA quick_check" if quick else "PRAGMA integrity_check").fetchall()
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:

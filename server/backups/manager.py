@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import re
@@ -34,9 +35,10 @@ from ..storage.local import LocalStorage
 from ..storage.s3_uploads import RECORD_FILE, UploadRecords
 from ..tools.memory import release_free_memory
 from ..tools.security import random_string
+from ..tools.threads import background_pool
 from ..tools.times import format_datetime
 from ..values import error
-from . import archive
+from . import archive, restore
 from .lock import ProcessLock
 from .restore import Outcome
 
@@ -47,6 +49,7 @@ logger = logging.getLogger("server.backups")
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+\.zip$")
 AUTO_PREFIX = "@auto_"  # scheduled backups: @auto_pb_backup_<app>_<UTC timestamp>.zip
+PRE_RESTORE_PREFIX = "@pre_restore_"  # ours: the data a full restore replaced, @pre_restore_<app>_<UTC timestamp>.zip
 _AUTO_ORDER_RE = re.compile(r"_(\d{14})(?:_(\d+))?\.zip$")
 MAX_NAME_LENGTH = 150
 BUSY_MESSAGE = "Try again later - another backup/restore process has already been started."
@@ -61,6 +64,15 @@ class InsufficientStorage(BadRequest):
     default_message = "Not enough free disk space to complete the operation."
 
 
+# The heavy steps of a job (reading and deflating, extracting and checking) run on these threads,
+# below the event loop's priority (``tools.threads``): the app stays responsive while a job runs.
+_JOB_THREADS = background_pool(2, "backup-job")
+
+
+async def _in_background(fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(_JOB_THREADS, functools.partial(fn, *args))
+
+
 def slug(name: str) -> str:
     """The app name in snake_case, as in PocketBase's backup names (at most 50 characters)."""
     text = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
@@ -71,6 +83,12 @@ def slug(name: str) -> str:
 def auto_name(app_name: str, prefix: str = "") -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
     return f"{prefix}pb_backup_{slug(app_name)}_{stamp}.zip"
+
+
+def safety_name(app_name: str) -> str:
+    """The name of the safety copy of the data a restore replaces: ``@pre_restore_<app>_<UTC time>.zip``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    return f"{PRE_RESTORE_PREFIX}{slug(app_name)}_{stamp}.zip"
 
 
 def name_errors(name: str) -> dict[str, Any] | None:
@@ -124,6 +142,8 @@ class RestoreReady:
     key: str
     new_dir: Path
     started_at: str
+    verified: str | None = None  # the verification tier that passed (``archive.tier``)
+    safety: dict[str, Any] | None = None  # the safety copy of the data replaced (``restore.swap_in``)
 
 
 class BackupManager:
@@ -183,7 +203,8 @@ class BackupManager:
 
     def record_restore_outcome(self, outcome: Outcome) -> None:
         self.last = {"op": "restore", "key": outcome.key, "ok": outcome.ok, "error": outcome.error,
-                     "startedAt": outcome.started_at, "finishedAt": format_datetime(datetime.now(timezone.utc))}
+                     "startedAt": outcome.started_at, "finishedAt": format_datetime(datetime.now(timezone.utc)),
+                     "verified": outcome.verified}
         if outcome.ok:
             self.logs.info("Backup restored", key=outcome.key)
         else:
@@ -393,11 +414,11 @@ class BackupManager:
                              _database_source("auxiliary.db", self.aux_db, aux_db)]
                 job.bytes_total = sum(await asyncio.to_thread(_sizes, databases + files))
                 for source in databases:
-                    await asyncio.to_thread(zipper.add, source)
+                    await _in_background(zipper.add, source)
             # The databases are in; the snapshots are released so the WAL can be checkpointed again.
             for source in files:
-                await asyncio.to_thread(zipper.add, source, True)
-            await asyncio.to_thread(zipper.finish, {"app": self.settings.app_name})
+                await _in_background(zipper.add, source, True)
+            await _in_background(zipper.finish, {"app": self.settings.app_name})
             zipper = None
             await asyncio.to_thread(writer.commit)
         except BaseException:
@@ -472,11 +493,13 @@ class BackupManager:
 
     # --- verify ----------------------------------------------------------------------------
 
-    async def verify(self, key: str, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    async def verify(self, key: str, progress: Callable[[str, int, int], None] | None = None,
+                     quick: bool = False) -> dict[str, Any]:
         """Check a backup without restoring it: fetched (from S3) and extracted into a temporary
-        directory with every check of a restore (structure, manifest checksums, ``integrity_check``
-        of the databases), then deleted. ``ArchiveError`` says why it is not restorable; returns
-        ``{"files", "bytes", "manifest"}``. ``progress(step, done, total)`` follows the work."""
+        directory with every check of a restore (structure, manifest checksums), then deleted.
+        The databases get the full ``integrity_check``, or with ``quick`` the restore's own tier
+        (``archive.tier``). ``ArchiveError`` says why it is not restorable; returns
+        ``{"files", "bytes", "manifest", "verified"}``. ``progress(step, done, total)`` follows the work."""
         storage = self.storage()
         info = await self.stat(key)
         if info is None:
@@ -496,14 +519,14 @@ class BackupManager:
         try:
             with _storage_failure("Failed to retrieve the backup file."):
                 async with storage.local_copy(key, self.datadir.temp, advance) as zip_path:
-                    manifest = await asyncio.to_thread(archive.extract, zip_path, work / "data", advance, None,
-                                                       set_total)
+                    manifest = await _in_background(archive.extract, zip_path, work / "data", advance, None,
+                                                    set_total, not quick)
         except StoredFileMissing:
             raise NotFound("Missing backup file.") from None
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
         return {"files": len(manifest["files"]) if manifest is not None else None, "bytes": int(counters["total"]),
-                "manifest": manifest is not None}
+                "manifest": manifest is not None, "verified": archive.tier(manifest, not quick)}
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -528,18 +551,163 @@ class BackupManager:
             job.bytes_total, job.bytes_done = total, 0
 
         try:
+            if restore.preserving(self.datadir.root) is not None:
+                # The data an earlier restore replaced is not a backup yet: it is, before it can go.
+                await self._preserve(job, replacing=True)
             info = await storage.stat(job.key)
             job.bytes_total = info.size if info is not None else 0  # the fetch first, if it is a download
             async with storage.local_copy(job.key, self.datadir.temp, job.advance) as zip_path:
                 faults.point("restore-fetched")
-                await asyncio.to_thread(archive.extract, zip_path, target, job.advance, job.cancel, set_total)
+                manifest = await _in_background(archive.extract, zip_path, target, job.advance, job.cancel, set_total)
+                archive_size = (await asyncio.to_thread(zip_path.stat)).st_size
+            await self._check_room_for_safety_copy(storage, archive_size, job.bytes_total)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, work, True)
             raise
         faults.point("restore-verified")
         assert self.on_restore_ready is not None
-        await self.on_restore_ready(RestoreReady(job.key, target, format_datetime(job.started_at)))
+        await self.on_restore_ready(RestoreReady(job.key, target, format_datetime(job.started_at), archive.tier(manifest),
+                                                 self._plan_safety_copy()))
         return True  # the job now belongs to the restart: the lock stays taken until the re-exec
+
+    # --- the safety copy of the data a restore replaces --------------------------------------
+
+    @property
+    def safety_copies_kept(self) -> int:
+        return int(self.settings.data["backups"]["preRestoreMaxKeep"])
+
+    def _plan_safety_copy(self) -> dict[str, Any] | None:
+        """The safety copy of the data about to be replaced (``restore.swap_in``), by the settings of
+        that data (the restored ones may say otherwise); None: no copy."""
+        keep = self.safety_copies_kept
+        app = self.settings.app_name
+        return {"key": safety_name(app), "keep": keep, "app": app} if keep > 0 else None
+
+    async def _check_room_for_safety_copy(self, storage: Storage, archive_size: int, extracted_size: int) -> None:
+        """Refuse a restore whose safety copy clearly would not fit (local storage: S3 tells no free space).
+
+        The copy of the present data is estimated at its size on disk times the compression of the
+        backup being restored (``archive_size`` for ``extracted_size`` bytes), which is extracted by
+        now, so the free space already excludes it."""
+        if self.safety_copies_kept <= 0 or storage.kind != "local":
+            return
+        ratio = min(1.0, archive_size / extracted_size) if extracted_size > 0 else 1.0
+        present = await asyncio.to_thread(_data_size, self.datadir.root)
+        needed = int(present * ratio)
+        free = (await asyncio.to_thread(shutil.disk_usage, self.datadir.backups)).free - archive.DISK_MARGIN
+        if needed > free:
+            raise InsufficientStorage(
+                f"Not enough free disk space for the safety copy of the current data (about {needed >> 20} MiB "
+                f"needed, {max(free, 0) >> 20} MiB free); nothing was changed. Free some space, or set "
+                "backups.preRestoreMaxKeep to 0 to restore without a safety copy.")
+
+    def start_preserving(self) -> None:
+        """``preserve_replaced`` in the background (the server, once it serves the restored data).
+        The job is taken at once, so that the status shows it from the first request on."""
+        job = self._take_preserve_job()
+        if job is not None:
+            self._task = asyncio.create_task(self._run_preserve(job, True), name="backup-safety-copy")
+
+    async def preserve_replaced(self) -> None:
+        """Write the safety copy of the data a restore replaced, if one awaits (phase ``preserving``).
+
+        The job shows in ``status().active`` as the creation of that backup; its outcome goes into
+        ``last["safetyCopy"]`` of the restore, so that ``last`` keeps saying how the restore went. If
+        it fails, the old data stays where it is and is saved at the next start, or before the
+        next restore can begin."""
+        job = self._take_preserve_job()
+        if job is not None:
+            await self._run_preserve(job, False)
+
+    def _take_preserve_job(self) -> Job | None:
+        journal = restore.preserving(self.datadir.root)
+        if journal is None:
+            return None
+        try:
+            return self._acquire("create", str((journal.get("safety") or {}).get("key") or ""))
+        except Busy:
+            logger.warning("the safety copy of the replaced data waits: another job is running")
+            return None
+
+    async def _run_preserve(self, job: Job, background: bool) -> None:
+        try:
+            await self._preserve(job, background=background)
+        except Exception:
+            pass  # logged, and in last["safetyCopy"]; the data stays for the next try
+        finally:
+            if self.active is job:
+                self.active = None
+                self.lock.release_job()
+
+    async def _preserve(self, job: Job, replacing: bool = False, background: bool = False) -> None:
+        """The safety copy itself, under ``job``'s lock (see ``preserve_replaced``); ``replacing``:
+        from a restore about to replace the data again; ``background``: the old data is deleted
+        by a thread of its own (a server)."""
+        root = self.datadir.root
+        journal = restore.preserving(root)
+        if journal is None:
+            return
+        safety = journal.get("safety") or {}
+        keep = int(safety.get("keep") or 0)
+        key = str(safety.get("key") or "")
+        outer_key, outer_op = job.key, job.op
+        job.key, job.op, job.bytes_done, job.bytes_total = key, "create", 0, 0
+        error: BaseException | None = None
+        try:
+            storage = self.storage()
+            if keep > 0:
+                # A copy under this name may have been published just before a crash: never trust
+                # it to be this data; a second copy is cheap, and retention trims it.
+                stem, counter = key[:-len(".zip")], 2
+                while await storage.exists(key):
+                    key, counter = f"{stem}_{counter}.zip", counter + 1
+                job.key = key
+                await self._write_safety_copy(job, storage, restore.replaced_dir(root), journal)
+            await asyncio.to_thread(restore.preserved, root, background)
+            if keep > 0:
+                await self.prune(keep, PRE_RESTORE_PREFIX)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            job.key, job.op = outer_key, outer_op
+            job.bytes_done = job.bytes_total = 0
+            reason = None if error is None else describe_error(error)
+            if self.last is not None and self.last.get("op") == "restore" and not replacing:
+                self.last["safetyCopy"] = {"key": key if keep > 0 else None, "ok": error is None, "error": reason}
+            if error is None:
+                if keep > 0:
+                    self.logs.info("Safety copy of the replaced data written", key=key, restored=journal.get("key", ""))
+            else:
+                logger.error("the safety copy %s of the replaced data failed: %s", key, reason)
+                self.logs.error("Safety copy of the replaced data failed", key=key, error=reason or "")
+                if replacing:
+                    raise BadRequest("The data replaced by the previous restore could not be saved as the backup "
+                                     f"{key}, so it is kept and nothing was changed: {reason}") from error
+
+    async def _write_safety_copy(self, job: Job, storage: Storage, old: Path, journal: dict[str, Any]) -> None:
+        """The replaced data (closed databases and files, in ``old``) as the backup ``job.key``."""
+        databases = await asyncio.to_thread(_settle_databases, old)
+        files = await asyncio.to_thread(archive.collect_files, old)
+        job.bytes_total = sum(await asyncio.to_thread(_sizes, databases + files))
+        writer = await asyncio.to_thread(storage.open_write, job.key)
+        zipper: archive.ArchiveWriter | None = None
+        try:
+            zipper = await _in_background(archive.ArchiveWriter, writer, job.advance, job.cancel)
+            for index, source in enumerate(databases + files):
+                await _in_background(zipper.add, source)
+                if index == 0:
+                    faults.point("restore-safety-writing")
+            await _in_background(zipper.finish, {"app": (journal.get("safety") or {}).get("app", ""),
+                                                 "createdBy": {"kind": "pre-restore"},
+                                                 "replacedBy": journal.get("key", "")})
+            zipper = None
+            await asyncio.to_thread(writer.commit)
+        except BaseException:
+            if zipper is not None:
+                await asyncio.to_thread(zipper.close)
+            await asyncio.to_thread(writer.abort)
+            raise
 
 
 @contextmanager
@@ -576,6 +744,41 @@ def _name_exists() -> ValidationError:
 def _database_source(arcname: str, db: Database, snapshot: Path) -> archive.Source:
     """The live file itself is read through the database's own descriptor (``Database.open_file``)."""
     return archive.Source(arcname, snapshot, db.open_file if snapshot == db.path else None)
+
+
+def _settle_databases(old: Path) -> list[archive.Source]:
+    """The databases of replaced data, each a single file: a WAL left beside one (the old process
+    closed them, so normally there is none) is checkpointed into it first."""
+    sources = []
+    for name in archive.DATABASES:
+        path = old / name
+        if not path.is_file():
+            continue
+        if (old / f"{name}-wal").exists():
+            conn = sqlite3.connect(path, isolation_level=None)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+        sources.append(archive.Source(name, path))
+    return sources
+
+
+def _data_size(root: Path) -> int:
+    """Bytes of what a backup of ``root`` holds (the databases with their WAL, and the files)."""
+    total = 0
+    for name in archive.DATABASES:
+        for suffix in ("", "-wal"):
+            try:
+                total += (root / f"{name}{suffix}").stat().st_size
+            except OSError:
+                pass
+    for source in archive.collect_files(root):
+        try:
+            total += source.path.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 def _sizes(sources: list[archive.Source]) -> list[int]:

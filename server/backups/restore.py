@@ -11,10 +11,16 @@ At the next start (``recover``), before anything opens a database:
 
 - phase ``swapping`` (the process died mid-swap): undo it, the old data comes back;
 - phase ``swapped``: the caller tries to open the new data; ``commit`` deletes the old data if it
-  did, ``rollback`` puts the old data back if it did not.
+  did, ``rollback`` puts the old data back if it did not;
+- phase ``preserving``: the new data booted and is served, and the old data, still in
+  ``.pb_restore/old/``, is to become the safety copy ``@pre_restore_<app>_<UTC time>.zip``
+  (planned by ``swap_in``'s ``safety``; written by the backup manager). It is deleted only once
+  that backup is published (``preserved``), so a crash while the copy is written leaves it to be
+  copied again at the next start.
 
 So the data directory always ends up holding either the complete old data or the complete new
-data, and the old data is deleted only after the new data has booted.
+data, the old data is deleted only after the new data has booted, and, with a safety copy
+asked for, only after it is a backup.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Outcome:
     started_at: str
     ok: bool
     error: str | None = None
+    verified: str | None = None  # the verification tier (``archive.tier``) of the restored backup
 
 
 def _write_journal(root: Path, journal: dict[str, Any]) -> None:
@@ -72,10 +79,17 @@ def read_journal(root: Path) -> dict[str, Any] | None:
         return {"phase": "swapping", "old": [], "new": [], "key": "", "startedAt": ""}
 
 
-def swap_in(root: Path, new_dir: Path, key: str, started_at: str) -> None:
-    """Move the current data aside and the extracted backup ``new_dir`` in (databases closed)."""
+def swap_in(root: Path, new_dir: Path, key: str, started_at: str, verified: str | None = None,
+            safety: dict[str, Any] | None = None) -> None:
+    """Move the current data aside and the extracted backup ``new_dir`` in (databases closed).
+
+    ``safety``: the safety copy the current data is to become once the new data is served
+    (``{"key", "keep", "app"}``: its name, how many such copies are kept, the app's name), decided
+    now, by the settings of the data replaced; None: the old data is deleted."""
     faults.raise_point("restore-swap")
     work = root / WORK_DIR
+    if preserving(root) is not None:  # (the manager saves it before it lets a restore begin)
+        raise RuntimeError("the data replaced by the previous restore is not saved yet")
     if work.is_dir() and not work.is_symlink():
         shutil.rmtree(work)  # what a finished restore failed to delete
     elif work.exists() or work.is_symlink():
@@ -85,7 +99,9 @@ def swap_in(root: Path, new_dir: Path, key: str, started_at: str) -> None:
     old = sorted(name for name in os.listdir(root) if name not in KEPT)
     new = sorted(name for name in os.listdir(new_dir) if name not in KEPT)
     journal = {"phase": "swapping", "key": key, "startedAt": started_at, "old": old, "new": new,
-               "newDir": str(new_dir)}
+               "newDir": str(new_dir), "verified": verified}
+    if safety is not None:
+        journal["safety"] = safety
     _write_journal(root, journal)
     faults.point("restore-before-swap")
     for index, name in enumerate(old):
@@ -162,7 +178,8 @@ def interrupted(root: Path) -> Outcome | None:
     _undo(root, journal)
     _finish(root)
     return Outcome(journal.get("key", ""), journal.get("startedAt", ""), False,
-                   "the restore was interrupted while swapping the data; the previous data was kept")
+                   "the restore was interrupted while swapping the data; the previous data was kept",
+                   journal.get("verified"))
 
 
 def pending(root: Path) -> dict[str, Any] | None:
@@ -171,10 +188,40 @@ def pending(root: Path) -> dict[str, Any] | None:
     return journal if journal is not None and journal.get("phase") == "swapped" else None
 
 
+def preserving(root: Path) -> dict[str, Any] | None:
+    """The journal of a restore whose new data is served and whose old data awaits its safety copy."""
+    journal = read_journal(root)
+    return journal if journal is not None and journal.get("phase") == "preserving" else None
+
+
+def committed_outcome(root: Path) -> Outcome | None:
+    """The outcome of a restore that was committed (phase ``preserving``), or None."""
+    journal = preserving(root)
+    if journal is None:
+        return None
+    return Outcome(journal.get("key", ""), journal.get("startedAt", ""), True, None, journal.get("verified"))
+
+
+def replaced_dir(root: Path) -> Path:
+    """Where the data replaced by a restore waits (phase ``preserving``)."""
+    return root / WORK_DIR / "old"
+
+
 def commit(root: Path, journal: dict[str, Any], background: bool = False) -> Outcome:
+    """The new data booted: the old data is deleted, or, with a safety copy planned, kept until it
+    has become that backup (phase ``preserving``; the manager writes it, then calls ``preserved``)."""
     faults.point("restore-before-commit")
+    if journal.get("safety"):
+        _write_journal(root, {**journal, "phase": "preserving"})
+    else:
+        _finish(root, background)
+    return Outcome(journal.get("key", ""), journal.get("startedAt", ""), True, None, journal.get("verified"))
+
+
+def preserved(root: Path, background: bool = False) -> None:
+    """The safety copy is published (or none is wanted any more): the old data goes."""
+    faults.point("restore-before-forget")
     _finish(root, background)
-    return Outcome(journal.get("key", ""), journal.get("startedAt", ""), True)
 
 
 def rollback(root: Path, journal: dict[str, Any], reason: str) -> Outcome:
@@ -182,4 +229,4 @@ def rollback(root: Path, journal: dict[str, Any], reason: str) -> Outcome:
     _undo(root, journal)
     _finish(root)
     return Outcome(journal.get("key", ""), journal.get("startedAt", ""), False,
-                   f"the restored data did not start ({reason}); the previous data was kept")
+                   f"the restored data did not start ({reason}); the previous data was kept", journal.get("verified"))
