@@ -9,6 +9,8 @@ import asyncio
 import hashlib
 import io
 import json
+import random
+import subprocess
 import os
 import shutil
 import sqlite3
@@ -1215,3 +1217,83 @@ def test_verification_tiers(tmp_path: Path) -> None:
     entries = [(name, data) for name, data in changed.items()] + [(MANIFEST, manifest_for(files))]
     with pytest.raises(ArchiveError, match="checksum of 'data.db' does not match"):
         extract(write_zip(tmp_path / "changed.zip", entries), tmp_path / "changed")
+
+
+def test_large_entries_are_written_in_independent_segments_and_inflated_in_parallel(tmp_path: Path) -> None:
+    """A deflated entry is a series of independent segments of ``SEGMENT`` bytes (one standard
+    deflate stream to any unzip), whose compressed sizes the manifest lists: a restore inflates
+    them in parallel. Wrong sizes in the manifest are either ignored (they cannot be segments) or
+    make the entry 'damaged', never a wrong file."""
+    from server.tools.zipstream import SEGMENT
+
+    root = tmp_path / "pb_data"
+    root.mkdir()
+    rng = random.Random(7)
+    words = [f"word{i}" for i in range(3000)]
+    text = " ".join(rng.choice(words) for _ in range(2_600_000)).encode()  # ~23 MB, compressible
+    assert len(text) > 4 * SEGMENT
+    (root / "data.db").write_bytes(db_bytes(20))
+    (root / "auxiliary.db").write_bytes(db_bytes(5, table="logs"))
+    (root / "storage").mkdir()
+    (root / "storage" / "big.txt").write_bytes(text)
+    out = tmp_path / "backup.zip"
+    manifest, _ = write_backup(root, out)
+    listed = manifest["files"]["storage/big.txt"]["segments"]
+    assert manifest["segmentSize"] == SEGMENT and len(listed) == -(-len(text) // SEGMENT)
+    with zipfile.ZipFile(out) as zf:
+        info = zf.getinfo("storage/big.txt")
+        assert sum(listed) == info.compress_size and zf.read(info) == text  # one stream to zipfile
+        assert archive._segments(manifest["files"], "storage/big.txt", info, SEGMENT) == listed
+    assert subprocess.run(["unzip", "-tq", str(out)], capture_output=True).returncode == 0
+    target = tmp_path / "restored"
+    assert extract(out, target) == manifest
+    assert (target / "storage" / "big.txt").read_bytes() == text
+
+    def with_segments(name: str, segments: list[Any]) -> Path:
+        """The same archive, byte for byte the same entries, with ``segments`` in its manifest."""
+        path = tmp_path / name
+        with open(path, "wb") as handle:
+            zipper = ArchiveWriter(handle)
+            for source in [Source("data.db", root / "data.db"), Source("auxiliary.db", root / "auxiliary.db"),
+                           *collect_files(root)]:
+                zipper.add(source)
+            zipper.files["storage/big.txt"]["segments"] = segments
+            zipper.finish()
+        return path
+
+    # Sizes that add up but are not where the segments end: the entry is damaged.
+    shifted = [listed[0] + 1, listed[1] - 1, *listed[2:]]
+    with pytest.raises(ArchiveError, match="'storage/big.txt' is damaged"):
+        extract(with_segments("shifted.zip", shifted), tmp_path / "shifted")
+    # The first two as one (as many sizes: the last one split): it inflates past a segment's size.
+    merged = [listed[0] + listed[1], *listed[2:-1], listed[-1] // 2, listed[-1] - listed[-1] // 2]
+    assert len(merged) == len(listed) and sum(merged) == sum(listed)
+    with pytest.raises(ArchiveError, match="'storage/big.txt' is damaged"):
+        extract(with_segments("merged.zip", merged), tmp_path / "merged")  # a segment inflating past its size
+    # Sizes that cannot be segments (wrong sum, too few, not numbers) are ignored: one stream.
+    for index, bogus in enumerate(([1, 2], [sum(listed)], ["x"] * len(listed), [*listed[:-1], listed[-1] + 5])):
+        target = tmp_path / f"bogus{index}"
+        extract(with_segments(f"bogus{index}.zip", bogus), target)
+        assert (target / "storage" / "big.txt").read_bytes() == text
+
+
+def test_inflate_segment_refuses_what_is_not_one() -> None:
+    from isal import isal_zlib
+
+    from server.tools.zipstream import SegmentError, inflate_segment
+
+    def deflate(data: bytes, flush: int) -> bytes:
+        compressor = isal_zlib.compressobj(2, isal_zlib.DEFLATED, -15)
+        return compressor.compress(data) + compressor.flush(flush)
+
+    middle = deflate(b"a" * 1000, isal_zlib.Z_SYNC_FLUSH)
+    last = deflate(b"b" * 1000, isal_zlib.Z_FINISH)
+    assert inflate_segment(middle, False) == b"a" * 1000 and inflate_segment(last, True) == b"b" * 1000
+    with pytest.raises(SegmentError):
+        inflate_segment(middle, True)  # does not end the stream
+    with pytest.raises(SegmentError):
+        inflate_segment(last, False)  # ends it too early
+    with pytest.raises(SegmentError):
+        inflate_segment(last + b"extra", True)  # bytes after its end
+    with pytest.raises(SegmentError):
+        inflate_segment(deflate(b"z" * 5000, isal_zlib.Z_FINISH), True, limit=4096)  # a bomb

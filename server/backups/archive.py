@@ -34,7 +34,7 @@ from ..tools.threads import background_pool
 from ..tools.times import now
 from ..tools.zipstream import Cancelled as ZipCancelled
 from ..tools.zipstream import ZipStream
-from ..tools.zipstream import crc32, inflate_lib
+from ..tools.zipstream import SEGMENT, SegmentError, crc32, inflate_lib, inflate_segment
 
 MANIFEST = "pb_backup_manifest.json"
 MANIFEST_FORMAT = 1
@@ -146,9 +146,13 @@ class ArchiveWriter:
             finally:
                 sha256 = digest.hexdigest()
         self.files[source.arcname] = {"size": entry.size, "sha256": sha256}
+        if entry.segments is not None and len(entry.segments) > 1:
+            # Where its independent deflate segments end: a restore inflates them in parallel.
+            self.files[source.arcname]["segments"] = entry.segments
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        manifest = {"format": MANIFEST_FORMAT, "createdAt": now(), **(extra or {}), "files": self.files}
+        manifest = {"format": MANIFEST_FORMAT, "createdAt": now(), **(extra or {}), "segmentSize": SEGMENT,
+                    "files": self.files}
         self._zip.add_bytes(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         self._zip.close()
         self._hasher.shutdown()
@@ -386,8 +390,9 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
                 raise ArchiveError(f"the archive entry {unlisted[0]!r} is not in its manifest")
         # Writing, hashing and the databases' integrity checks run on threads of their own, beside
         # the inflating: a database is checked as soon as it is out, while the next entries inflate.
+        segment_size = plan.manifest.get("segmentSize") if plan.manifest is not None else None
         with background_pool(1, "sha256") as hasher, background_pool(1, "extract-write") as writer, \
-                background_pool(1, "integrity") as checker:
+                background_pool(1, "integrity") as checker, background_pool(default_workers(), "inflate") as inflaters:
             checks: list[Future[None]] = []
             try:
                 for index, (info, path) in enumerate(plan.entries):
@@ -395,7 +400,9 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
                     if index == 1:
                         faults.point("restore-extracting")
                     dest = target / Path(*path.parts)
-                    size, digest = _extract_entry(archive, info, dest, progress, cancel, hasher, writer)
+                    segments = _segments(expected, str(path), info, segment_size)
+                    size, digest = _extract_entry(archive, info, dest, progress, cancel, hasher, writer,
+                                                  segments, segment_size, inflaters)
                     if expected is not None:
                         want = expected[str(path)]
                         if want["size"] != size or want["sha256"] != digest:
@@ -410,8 +417,26 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
     return plan.manifest
 
 
+def _segments(expected: dict[str, Any] | None, name: str, info: zipfile.ZipInfo, segment_size: Any) -> list[int] | None:
+    """The compressed sizes of the entry's independent deflate segments, as its manifest lists
+    them, if they can be: a deflated entry, sizes that add up to its compressed size, as many as
+    its content needs. Otherwise None (the entry inflates as one stream). Whether each segment
+    really is one is checked as it inflates (``inflate_segment``)."""
+    listed = (expected or {}).get(name, {}).get("segments")
+    if not isinstance(listed, list) or len(listed) < 2 or info.compress_type != zipfile.ZIP_DEFLATED:
+        return None
+    if not isinstance(segment_size, int) or not 0 < segment_size <= SEGMENT or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in listed):
+        return None
+    if sum(listed) != info.compress_size or len(listed) != -(-info.file_size // segment_size):
+        return None
+    return listed
+
+
 def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, progress: Progress,
-                   cancel: threading.Event, hasher: ThreadPoolExecutor, writer: ThreadPoolExecutor) -> tuple[int, str]:
+                   cancel: threading.Event, hasher: ThreadPoolExecutor, writer: ThreadPoolExecutor,
+                   segments: list[int] | None = None, segment_size: int = SEGMENT,
+                   inflaters: ThreadPoolExecutor | None = None) -> tuple[int, str]:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -423,10 +448,16 @@ def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, 
     except (FileExistsError, IsADirectoryError, NotADirectoryError):
         raise ArchiveError(f"the archive entry {info.filename!r} conflicts with another entry") from None
     crc = 0
-    # This thread inflates; the writer thread writes and the hasher hashes, a few chunks behind.
-    writes = _InOrder(writer)
+    # This thread inflates (or, with segments, the inflaters do, in parallel); the writer thread
+    # writes and the hasher hashes, a few chunks behind.
+    if segments is not None and inflaters is not None:
+        chunks = _segment_chunks(archive, info, segments, segment_size, inflaters)
+        writes = _InOrder(writer, 2)
+    else:
+        chunks = _entry_chunks(archive, info)
+        writes = _InOrder(writer)
     try:
-        for chunk in _entry_chunks(archive, info):
+        for chunk in chunks:
             if cancel.is_set():
                 raise Cancelled()
             size += len(chunk)
@@ -439,14 +470,16 @@ def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, 
         writes.drain()
     except ArchiveError:
         raise
-    except (zipfile.BadZipFile, zlib.error, inflate_lib.error, EOFError, ValueError, NotImplementedError, RuntimeError,
-            OSError) as exc:
+    except (zipfile.BadZipFile, zlib.error, inflate_lib.error, SegmentError, EOFError, ValueError, NotImplementedError,
+            RuntimeError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # the disk (full, read-only), not the archive
         raise ArchiveError(f"the archive entry {info.filename!r} is damaged") from exc
     finally:
         writes.abandon()  # nothing may write to ``fd`` once it is closed
         os.close(fd)
+        if hasattr(chunks, "close"):
+            chunks.close()  # (the inflaters' work in flight is waited for)
     if size != info.file_size or crc != info.CRC:
         raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
     return size, digest.hexdigest()
@@ -486,6 +519,38 @@ def _entry_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[b
             yield tail
         if not inflater.eof:
             raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
+
+
+def _segment_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo, segments: list[int], segment_size: int,
+                    inflaters: ThreadPoolExecutor) -> Iterator[bytes]:
+    """The content of ``info``, its independent segments inflated on ``inflaters`` in parallel (a
+    few ahead of the caller), in order. The caller checks size and CRC."""
+    handle = archive.fp
+    assert handle is not None
+    handle.seek(info.header_offset)
+    header = handle.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    handle.seek(info.header_offset + 30 + name_length + extra_length)
+    ahead = 2 * getattr(inflaters, "_max_workers", 2)
+    pending: deque[Future[bytes]] = deque()
+    try:
+        for index, length in enumerate(segments):
+            raw = handle.read(length)
+            if len(raw) != length:
+                raise ArchiveError(f"the archive entry {info.filename!r} is cut short")
+            pending.append(inflaters.submit(inflate_segment, raw, index == len(segments) - 1, segment_size))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        for future in pending:
+            if not future.cancelled():
+                future.exception()
 
 
 def check_database(path: Path, name: str, quick: bool = False) -> None:
