@@ -2,7 +2,8 @@
 # `make soak` runs the randomised crash tests for hundreds of rounds;
 # `make bench` compares backup, restore, upload and download with PocketBase's on the same data
 # (bench/compare.py); `make bench-s3` measures the server's memory on S3 (bench/s3_memory.py).
-# Both take BENCH_ARGS, e.g. --scale 0.05 for a quick look.
+# Both take BENCH_ARGS, e.g. --scale 0.05 for a quick look; `make bench` runs every phase
+# BENCH_RUNS times (3) and prints the medians.
 # Each installs what it needs into .venv (and tests/e2e/node_modules) first.
 
 PYTHON ?= python3
@@ -42,8 +43,10 @@ test: install-test
 soak: install-test
 	PB_SOAK=1 $(PY) -m pytest -q -m soak $(PYTEST_ARGS)
 
+BENCH_RUNS ?= 3
+
 bench: $(VENV)/.installed-test
-	$(PY) -m bench.compare $(BENCH_ARGS)
+	$(PY) -m bench.compare --runs $(BENCH_RUNS) $(BENCH_ARGS)
 
 bench-s3: $(VENV)/.installed-test
 	$(PY) -m bench.s3_memory $(BENCH_ARGS)

@@ -52,6 +52,7 @@ import random
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -352,6 +353,63 @@ def generate(work: Path, kinds: list[str], scale: float, seed: int) -> tuple[Dat
     return dataset, dirs
 
 
+# --- the machine's limit ------------------------------------------------------------------------
+
+LIMIT_SAMPLE = 64 << 20  # bytes of data.db deflated (and of files copied) to measure the machine
+
+
+def machine_limit(data_dir: Path, workers: int | None = None) -> dict[str, Any]:
+    """The fastest this machine could write our backup of ``data_dir``: the bytes to deflate (the
+    databases) divided by the ISA-L throughput of all its cores on a sample of data.db (1 MiB
+    chunks, level 2, as the server's writer: ``server.backups.archive.COMPRESS_LEVEL``), plus the
+    stored bytes (the incompressible files) at the speed of a plain copy (read, write) on this disk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from isal import isal_zlib
+
+    from server.backups.archive import COMPRESS_LEVEL
+
+    workers = workers or len(os.sched_getaffinity(0))
+    chunk = 1 << 20
+    with open(data_dir / "data.db", "rb") as handle:
+        sample = handle.read(LIMIT_SAMPLE)
+    pieces = [sample[i:i + chunk] for i in range(0, len(sample), chunk)]
+
+    def deflate(piece: bytes) -> int:
+        compressor = isal_zlib.compressobj(COMPRESS_LEVEL, isal_zlib.DEFLATED, -15)
+        return len(compressor.compress(piece)) + len(compressor.flush(isal_zlib.Z_SYNC_FLUSH))
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(deflate, pieces[:workers]))  # warm up
+        started = time.perf_counter()
+        list(pool.map(deflate, pieces))
+        deflate_s = time.perf_counter() - started
+    deflate_bps = len(sample) / deflate_s
+
+    files = sorted(p for p in (data_dir / "storage").rglob("*") if p.is_file())
+    copied, started = 0, time.perf_counter()
+    target = data_dir.parent / "limit_copy.bin"
+    with open(target, "wb") as out:
+        for path in files:
+            with open(path, "rb") as source:
+                while block := source.read(chunk):
+                    out.write(block)
+                    copied += len(block)
+            if copied >= LIMIT_SAMPLE:
+                break
+        out.flush()
+        os.fsync(out.fileno())
+    copy_s = time.perf_counter() - started
+    target.unlink()
+    copy_bps = copied / copy_s if copied else float("inf")
+
+    db_bytes = sum((data_dir / name).stat().st_size for name in ("data.db", "auxiliary.db") if (data_dir / name).exists())
+    file_bytes = sum(path.stat().st_size for path in files)
+    seconds = db_bytes / deflate_bps + (file_bytes / copy_bps if copied else 0.0)
+    return {"seconds": round(seconds, 3), "workers": workers, "deflate_mb_s": round(deflate_bps / MB, 1),
+            "copy_mb_s": round(copy_bps / MB, 1), "deflated_bytes": db_bytes, "stored_bytes": file_bytes}
+
+
 # --- measuring ---------------------------------------------------------------------------------
 
 
@@ -584,6 +642,21 @@ class Client:
     def backups(self) -> dict[str, int]:
         return self.api.backups()
 
+    def wait_idle(self) -> float:
+        """Poll ours until no job runs (the safety copy after a restore); when that was, perf_counter."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            response = self.api.http.get("/api/backups/status")
+            if response.status_code == 401:
+                self.api.close()
+                self.api = Api(self.server.url)
+                continue
+            if Api._check(response, "backup status", 200).json().get("active") is None:
+                return time.perf_counter()
+            if time.monotonic() > deadline:
+                raise BenchError(f"a job still ran {self.timeout:.0f} s after the restore")
+            time.sleep(STATUS_POLL)
+
 
 def run_server(kind: str, data_dir: Path, dataset: Dataset, timeout: float) -> dict[str, Any]:
     """All phases against one server; returns its metrics."""
@@ -666,6 +739,8 @@ def run_server(kind: str, data_dir: Path, dataset: Dataset, timeout: float) -> d
                 started = time.perf_counter()
                 seen = client.restore(BACKUP_NAME, gone=after, present=[before, *dataset.sample_ids])
                 box["seconds"] = time.perf_counter() - started
+                if kind == OURS:  # then the replaced data is saved as a backup, in the background
+                    seen["safety_copy_s"] = round(client.wait_idle() - started, 2)
             restore: Measured = box["measured"]
             if server.pid != pid:
                 raise BenchError("the server's PID changed during the restore")
@@ -688,6 +763,7 @@ METRICS: list[tuple[str, Callable[[dict[str, Any]], float | None], str, int]] = 
     ("archive MB", lambda r: r["backup"]["archive_bytes"] / MB, "lower", 1),
     ("backup: server CPU s", lambda r: r["backup"]["server"].get("cpu_s"), "lower", 1),
     ("backup: server MB written", lambda r: _mb(r["backup"]["server"].get("wchar")), "lower", 0),
+    ("backup / machine limit (ours)", lambda r: r["backup"].get("limit_ratio"), "info", 2),
     ("backup: peak RSS MB", lambda r: r["backup"]["peak_rss_mb"], "lower", 1),
     ("backup: writer max ms", lambda r: r["backup"]["writer"]["max_ms"], "lower", 1),
     ("backup: writer p99 ms", lambda r: r["backup"]["writer"]["p99_ms"], "lower", 1),
@@ -696,6 +772,7 @@ METRICS: list[tuple[str, Callable[[dict[str, Any]], float | None], str, int]] = 
     ("backup: health max ms", lambda r: r["backup"]["health"]["max_ms"], "lower", 1),
     ("restore s (until restored data served)", lambda r: r["restore"]["seconds"], "lower", 2),
     ("restore: old data until s", lambda r: r["restore"]["seen"].get("last_old_s"), "info", 2),
+    ("restore: safety copy done at s (ours)", lambda r: r["restore"]["seen"].get("safety_copy_s"), "info", 2),
     ("restore: server CPU s", lambda r: r["restore"]["server"].get("cpu_s"), "lower", 1),
     ("restore: peak RSS MB", lambda r: r["restore"]["peak_rss_mb"], "lower", 1),
     ("upload MB/s", lambda r: r["upload"]["mb_per_s"], "higher", 1),
@@ -734,17 +811,19 @@ def comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], per_run: list[list[dict[str, Any]]] | None = None) -> str:
     def cell(value: float | None, digits: int) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    header = ("metric", "ours", "PocketBase", "ours/PB", "better", "winner")
+    header = ("metric", "ours", "PocketBase", "ours/PB", "better", "winner") + (("each run",) if per_run else ())
     body = [(r["metric"], cell(r["ours"], r["digits"]), cell(r["pocketbase"], r["digits"]),
              "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}",
              {"lower": "lower", "higher": "higher", "info": "-"}[r["better"]],
-             {OURS: "ours", PB: "PocketBase", "tie": "tie", None: "-"}[r["winner"]]) for r in rows]
+             {OURS: "ours", PB: "PocketBase", "tie": "tie", None: "-"}[r["winner"]])
+            + ((", ".join(cell(run[i]["ratio"], 2) if r["pocketbase"] is not None else cell(run[i]["ours"], r["digits"])
+                          for run in per_run),) if per_run else ()) for i, r in enumerate(rows)]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 4, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(c.ljust(w) if i in (0, 4, 5, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -775,7 +854,7 @@ def export_revision(rev: str, target: Path) -> dict[str, Any]:
 
 
 def run(scale: float, seed: int, keep: bool, out: Path | None, kinds: list[str], timeout: float,
-        server_rev: str | None = None) -> int:
+        server_rev: str | None = None, runs: int = 1) -> int:
     global SOURCE
     begun = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="pb-bench-compare-"))
@@ -805,51 +884,94 @@ def run(scale: float, seed: int, keep: bool, out: Path | None, kinds: list[str],
               + f"; {dataset.files} files ({dataset.file_bytes / MB:.0f} MB); generated in {dataset.seconds:.1f} s",
               flush=True)
 
-        results: dict[str, dict[str, Any]] = {}
-        for kind in kinds:
-            print(f"{LABELS[kind]}:", flush=True)
-            try:
-                results[kind] = run_server(kind, dirs[kind], dataset, timeout)
-            except BenchError as exc:
-                print(f"ERROR: {exc}", file=sys.stderr, flush=True)
-                results[kind] = {"server": kind, "error": str(exc)}
-            # free the disk: the data of a server that is done is not needed any more
-            if not keep:
-                shutil.rmtree(work / kind, ignore_errors=True)
+        limit = machine_limit(dirs[kinds[0]])
+        print(f"  the machine's limit for our backup of it: {limit['seconds']:.2f} s (ISA-L on {limit['workers']} "
+              f"cores {limit['deflate_mb_s']:.0f} MB/s, copy {limit['copy_mb_s']:.0f} MB/s)", flush=True)
+
+        runs_results: list[dict[str, dict[str, Any]]] = []
+        for number in range(1, runs + 1):
+            results: dict[str, dict[str, Any]] = {}
+            for kind in kinds:
+                print(f"{LABELS[kind]}" + (f" (run {number} of {runs})" if runs > 1 else "") + ":", flush=True)
+                # Each run on a fresh copy of the generated data (a run changes it: records, a restore).
+                run_dir = work / f"run{number}" / kind / "pb_data"
+                if runs > 1:
+                    shutil.copytree(dirs[kind], run_dir, symlinks=True)
+                    os.sync()
+                else:
+                    run_dir = dirs[kind]
+                try:
+                    results[kind] = run_server(kind, run_dir, dataset, timeout)
+                except BenchError as exc:
+                    print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+                    results[kind] = {"server": kind, "error": str(exc)}
+                if not keep:  # free the disk: the data of a server that is done is not needed any more
+                    shutil.rmtree(run_dir.parent, ignore_errors=True)
+                if OURS in results and "error" not in results[OURS]:
+                    results[OURS]["backup"]["limit_ratio"] = round(results[OURS]["backup"]["seconds"] / limit["seconds"], 2)
+            runs_results.append(results)
 
         info = machine()
+        rows_per_run = [comparison(results) for results in runs_results]
+        medians = median_rows(rows_per_run)
         report = {
             "benchmark": "compare",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "scale": scale,
             "seed": seed,
+            "runs": runs,
             "source": source,
             "pocketbase": pocketbase_version(),
             "machine": info,
+            "machine_limit": limit,
             "dataset": {**{k: v for k, v in asdict(dataset).items()}, "total_bytes": dataset.total_bytes},
-            "results": results,
-            "comparison": [{k: v for k, v in row.items() if k != "digits"} for row in comparison(results)],
+            "results": runs_results[-1],
+            "runs_results": runs_results,
+            "comparison": [{k: v for k, v in row.items() if k != "digits"} for row in medians],
+            "comparison_per_run": [[{k: v for k, v in row.items() if k != "digits"} for row in rows]
+                                   for rows in rows_per_run],
             "seconds": round(time.perf_counter() - begun, 1),
             "note": NOTE,
         }
         print()
-        print(table(comparison(results)))
+        print(table(medians, rows_per_run if runs > 1 else None))
         print()
-        print("ratio = ours / PocketBase: below 1 is better for 'lower' rows, above 1 for 'higher' rows.")
+        print("ratio = ours / PocketBase: below 1 is better for 'lower' rows, above 1 for 'higher' rows."
+              + (f" Each cell: the median of {runs} runs; 'each run' lists the runs' ratios (ours alone where PocketBase has none)." if runs > 1 else ""))
+        print(f"machine limit (our backup of this data at ISA-L speed on all cores): {limit['seconds']:.2f} s; "
+              "'backup / machine limit' is ours against it.")
         print(f"machine: {info['cores']} cores ({info['usable_cores']} usable), Python {info['python']}, "
               f"{info['platform']}; {report['pocketbase'] or 'PocketBase ?'}")
         print(f"data: {dataset.rows} records, data.db {max(dataset.db_bytes.values()) / MB:.0f} MB, {dataset.files} "
               f"files ({dataset.file_bytes / MB:.0f} MB); scale {scale}, seed {seed}; whole run "
               f"{report['seconds']:.0f} s")
         print("MB = MiB. " + NOTE)
-        for kind, result in results.items():
-            if "error" in result:
-                print(f"FAILED: {result['error'].splitlines()[0]}")
+        failed = [result for results in runs_results for result in results.values() if "error" in result]
+        for result in failed:
+            print(f"FAILED: {result['error'].splitlines()[0]}")
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=1) + "\n")
             print(f"written to {out}")
-        return 1 if any("error" in r for r in results.values()) else 0
+        return 1 if failed else 0
+
+
+def median_rows(rows_per_run: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per metric: the median of each column over the runs (the ratio: the median ratio)."""
+    merged = []
+    for index, row in enumerate(rows_per_run[0]):
+        column = [rows[index] for rows in rows_per_run]
+
+        def middle(key: str) -> float | None:
+            values = [r[key] for r in column if r[key] is not None]
+            return round(statistics.median(values), row["digits"] if key != "ratio" else 2) if values else None
+
+        ours, pb, ratio = middle("ours"), middle("pocketbase"), middle("ratio")
+        winner = None
+        if ours is not None and pb is not None and row["better"] in ("lower", "higher") and ratio is not None:
+            winner = "tie" if abs(ratio - 1) < TIE else (OURS if (ratio < 1) == (row["better"] == "lower") else PB)
+        merged.append({**row, "ours": ours, "pocketbase": pb, "ratio": ratio, "winner": winner})
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -864,6 +986,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run our server from this commit (git archive of server/) instead of the working tree")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"seconds each phase may take (default {DEFAULT_TIMEOUT:.0f})")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="how many times each server runs every phase, each on a fresh copy of the data (the "
+                             "table gives the medians; `make bench` runs 3)")
     parser.add_argument("--show", type=Path, metavar="JSON", help="print the table of a saved result and exit")
     args = parser.parse_args(argv)
     if args.show is not None:
@@ -879,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_exit)
     try:
-        return run(args.scale, args.seed, args.keep, args.out, kinds, args.timeout, args.server_rev)
+        return run(args.scale, args.seed, args.keep, args.out, kinds, args.timeout, args.server_rev, max(1, args.runs))
     except BenchError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
