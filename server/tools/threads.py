@@ -17,7 +17,16 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-BACKGROUND_NICE = 19  # CFS weight 15 against 1024 for nice 0: the job gets what the app leaves idle
+def _nice_from_env(default: int = 19) -> int:
+    try:
+        return max(0, min(19, int(os.environ.get("PB_JOB_NICE", default))))
+    except ValueError:
+        return default
+
+
+# CFS weight 15 against 1024 for nice 0: the job gets what the app leaves idle. ``PB_JOB_NICE``
+# (0-19) sets another value, e.g. 0 to measure what the priority costs the job.
+BACKGROUND_NICE = _nice_from_env()
 
 
 def lower_priority(nice: int = BACKGROUND_NICE) -> bool:
