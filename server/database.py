@@ -136,6 +136,13 @@ class Database:
                 raise
             await self._writer.execute("COMMIT")
 
+    @asynccontextmanager
+    async def writes_paused(self) -> AsyncIterator[None]:
+        """This process's writers wait while the context lasts (another connection writes a short
+        batch meanwhile: a partial restore). Fair: writers queued before go first."""
+        async with self._write_lock:
+            yield
+
     async def execute(self, sql: str, params: Params = ()) -> int:
         async with self.transaction() as tx:
             return await tx.execute(sql, params)
