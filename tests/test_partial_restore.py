@@ -150,3 +150,251 @@ def test_replace_puts_back_the_collection_exactly_with_definition_and_files(fres
     for record in kept:
         response = api.http.get(f"/api/files/orders/{record['id']}/{before[record['id']]['doc']}")
         assert response.status_code == 200 and response.content == docs[kept.index(record)]
+
+
+def test_replace_creates_a_deleted_collection_again_with_its_id_records_and_files(fresh_server: ServerProcess) -> None:
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    shop(api, su)
+    doc = os.urandom(4000)
+    record = add_note(api, su, "x", 1, doc, collection="orders")
+    definition = collection(api, su, "orders")
+    before = notes(api, su, "orders")
+    backup(fresh_server, "night.zip")
+    assert api.http.delete("/api/collections/orders", headers=su).status_code == 204
+    assert not (fresh_server.data_dir / "storage" / definition["id"]).exists()
+
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["orders"], "mode": "replace"})
+    assert last["ok"] is True, last
+    assert last["summary"]["collections"]["orders"] == {
+        "inserted": 1, "updated": 0, "deleted": 0, "unchanged": 0, "action": "create",
+        "files": {"added": 1, "replaced": 0, "removed": 0}}
+    su = login(fresh_server)
+    assert collection(api, su, "orders") == definition
+    assert notes(api, su, "orders") == before
+    response = api.http.get(f"/api/files/orders/{record['id']}/{record['doc']}")
+    assert response.status_code == 200 and response.content == doc
+
+
+def test_merge_of_files_puts_back_the_backups_and_keeps_those_of_newer_records(fresh_server: ServerProcess) -> None:
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    shop(api, su)
+    docs = [os.urandom(2000 + i) for i in range(3)]
+    records = [add_note(api, su, f"r{i}", i, docs[i], collection="orders") for i in range(3)]
+    backup(fresh_server, "night.zip")
+    # r0 deleted (its file goes), r1's file replaced by another, r2 left alone, r3 created with a file.
+    assert api.http.delete(f"/api/collections/orders/records/{records[0]['id']}", headers=su).status_code == 204
+    response = api.http.patch(f"/api/collections/orders/records/{records[1]['id']}", headers=su,
+                              files={"doc": ("other.bin", os.urandom(900))})
+    assert response.status_code == 200, response.text
+    replacement = response.json()["doc"]
+    newer_doc = os.urandom(1234)
+    newer = add_note(api, su, "r3", 3, newer_doc, collection="orders")
+
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["orders"], "mode": "merge"})
+    assert last["ok"] is True, last
+    assert last["summary"]["collections"]["orders"] == {
+        "inserted": 1, "updated": 1, "deleted": 0, "unchanged": 1, "action": "merge",
+        "files": {"added": 2, "replaced": 0, "removed": 1}}
+    su = login(fresh_server)
+    for index, record in enumerate(records):
+        response = api.http.get(f"/api/files/orders/{record['id']}/{record['doc']}")
+        assert response.status_code == 200 and response.content == docs[index], index
+    assert api.http.get(f"/api/files/orders/{records[1]['id']}/{replacement}").status_code == 404
+    assert not (fresh_server.data_dir / "storage" / records[1]["collectionId"] / records[1]["id"] / replacement).exists()
+    response = api.http.get(f"/api/files/orders/{newer['id']}/{newer['doc']}")
+    assert response.status_code == 200 and response.content == newer_doc
+
+
+def test_dry_runs_change_no_byte_and_say_what_the_real_run_then_does(fresh_server: ServerProcess) -> None:
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    shop(api, su)
+    records = [add_note(api, su, f"r{i}", i, os.urandom(1500), collection="orders") for i in range(4)]
+    add_note(api, su, "c", 1, collection="customers")
+    backup(fresh_server, "night.zip")
+    assert api.http.delete(f"/api/collections/orders/records/{records[0]['id']}", headers=su).status_code == 204
+    assert api.http.patch(f"/api/collections/orders/records/{records[1]['id']}", headers=su,
+                          json={"title": "changed"}).status_code == 200
+    add_note(api, su, "new", 9, os.urandom(100), collection="orders")
+    add_note(api, su, "new customer", 2, collection="customers")
+    wait_idle(fresh_server)
+    time.sleep(0.5)  # the log writer's last flush (auxiliary.db is not compared, data.db is)
+
+    db_before, files_before = database_state(fresh_server), storage_state(fresh_server)
+    dry = {}
+    for body in ({"collections": ["orders"], "dryRun": True},
+                 {"collections": ["orders", "customers"], "mode": "replace", "dryRun": True},
+                 {"dryRun": True}):
+        last = restore_partial(fresh_server, "night.zip", body)
+        assert last["ok"] is True and last["dryRun"] is True and last["summary"]["dryRun"] is True, last
+        assert database_state(fresh_server) == db_before, body
+        assert storage_state(fresh_server) == files_before, body
+        dry[str(body)] = last["summary"]["collections"]
+    assert not (fresh_server.data_dir / ".pb_partial_restore").exists()
+
+    full = dry[str({"dryRun": True})]
+    assert full["orders"]["deleted"] == 1 and full["orders"]["inserted"] == 1 and full["orders"]["updated"] == 1
+    assert full["customers"]["deleted"] == 1 and full["customers"]["unchanged"] == 1
+    assert full["_superusers"]["unchanged"] == 1
+
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["orders"]})
+    assert last["ok"] is True and last["summary"]["dryRun"] is False
+    assert last["summary"]["collections"] == dry[str({"collections": ["orders"], "dryRun": True})]
+    assert last["summary"]["collections"]["orders"] == {
+        "inserted": 1, "updated": 1, "deleted": 0, "unchanged": 2, "action": "merge",
+        "files": {"added": 1, "replaced": 0, "removed": 0}}
+
+
+# --- auth collections --------------------------------------------------------------------------
+
+
+def test_users_log_in_with_their_backup_passwords_after_a_merge(fresh_server: ServerProcess) -> None:
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    ann, _ = api.create_user("ann@example.com", "ann-password-1")
+    bob, _ = api.create_user("bob@example.com", "bob-password-1")
+    backup(fresh_server, "night.zip")
+    # Since: ann's password changed, bob deleted, cid registered.
+    assert api.http.patch(f"/api/collections/users/records/{ann['id']}", headers=su,
+                          json={"password": "changed-pass-2", "passwordConfirm": "changed-pass-2"}).status_code == 200
+    assert api.http.delete(f"/api/collections/users/records/{bob['id']}", headers=su).status_code == 204
+    api.create_user("cid@example.com", "cid-password-1")
+
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["users"]})
+    assert last["ok"] is True, last
+    assert last["summary"]["collections"]["users"]["inserted"] == 1
+    assert last["summary"]["collections"]["users"]["updated"] == 1
+    api.login("users", "ann@example.com", "ann-password-1")
+    api.login("users", "bob@example.com", "bob-password-1")
+    api.login("users", "cid@example.com", "cid-password-1")  # registered since: kept
+    response = api.http.post("/api/collections/users/auth-with-password",
+                             json={"identity": "ann@example.com", "password": "changed-pass-2"})
+    assert response.status_code == 400
+    # The superusers were not named: untouched (the one logged in still is).
+    assert api.http.get("/api/collections", headers=su).status_code == 200
+
+
+# --- conflicts -----------------------------------------------------------------------------------
+
+
+def test_a_merge_the_current_definition_refuses_fails_with_the_ids_and_changes_nothing(fresh_server: ServerProcess) -> None:
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    shop(api, su)
+    blank = add_note(api, su, "", 1, collection="orders")
+    filled = add_note(api, su, "filled", 2, collection="orders")
+    backup(fresh_server, "night.zip")
+    assert api.http.delete(f"/api/collections/orders/records/{blank['id']}", headers=su).status_code == 204
+    assert api.http.delete(f"/api/collections/orders/records/{filled['id']}", headers=su).status_code == 204
+    # Since the backup, title became required: the backup's record with an empty title is refused.
+    fields = collection(api, su, "orders")["fields"]
+    for item in fields:
+        if item["name"] == "title":
+            item["required"] = True
+    assert api.http.patch("/api/collections/orders", headers=su, json={"fields": fields}).status_code == 200
+    wait_idle(fresh_server)
+    time.sleep(0.3)
+    db_before, files_before = database_state(fresh_server), storage_state(fresh_server)
+
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["orders"]})
+    assert last["ok"] is False
+    assert blank["id"] in last["error"] and "title" in last["error"] and filled["id"] not in last["error"], last
+    assert "Nothing was changed" in last["error"]
+    assert database_state(fresh_server) == db_before
+    assert storage_state(fresh_server) == files_before
+    # The dry run says the same.
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["orders"], "dryRun": True})
+    assert last["ok"] is False and blank["id"] in last["error"]
+    # A replace puts the old definition back, so it goes through.
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["orders"], "mode": "replace"})
+    assert last["ok"] is True, last
+    add_note(api, su, "writable again", 3, collection="orders")
+
+
+def test_a_merge_breaking_a_unique_index_fails_with_the_ids_and_changes_nothing(fresh_server: ServerProcess) -> None:
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    ann, _ = api.create_user("ann@example.com", "ann-password-1")
+    backup(fresh_server, "night.zip")
+    assert api.http.delete(f"/api/collections/users/records/{ann['id']}", headers=su).status_code == 204
+    other, _ = api.create_user("ann@example.com", "another-pass-1")  # the same email, another id
+    wait_idle(fresh_server)
+    time.sleep(0.3)
+    db_before = database_state(fresh_server)
+
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["users"]})
+    assert last["ok"] is False, last
+    assert ann["id"] in last["error"] and "email" in last["error"], last["error"]
+    assert database_state(fresh_server) == db_before
+    api.login("users", "ann@example.com", "another-pass-1")
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["users"], "dryRun": True})
+    assert last["ok"] is False and ann["id"] in last["error"]
+    assert database_state(fresh_server) == db_before
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, field, code", [
+    ({"collections": "orders"}, "collections", "validation_invalid_value"),
+    ({"collections": [1]}, "collections", "validation_invalid_value"),
+    ({"collections": []}, "collections", "validation_required"),
+    ({"collections": ["orders"], "mode": "upsert"}, "mode", "validation_in_invalid"),
+    ({"collections": ["orders"], "mode": 3}, "mode", "validation_in_invalid"),
+    ({"mode": "merge"}, "mode", "validation_in_invalid"),
+    ({"collections": ["orders"], "dryRun": "yes"}, "dryRun", "validation_invalid_value"),
+    ({"collections": ["_mfas"]}, "collections", "validation_system_collection"),
+    ({"collections": ["_collections"]}, "collections", "validation_system_collection"),
+    ({"collections": ["no such/name"]}, "collections", "validation_match_invalid"),
+])
+def test_a_malformed_body_is_a_400_at_once(fresh_server: ServerProcess, body: dict[str, Any], field: str,
+                                           code: str) -> None:
+    su = login(fresh_server)
+    backup(fresh_server, "night.zip")
+    response = httpx.post(f"{fresh_server.url}/api/backups/night.zip/restore", headers=su, json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    assert answer["status"] == 400 and answer["data"][field]["code"] == code, answer
+    status = httpx.get(f"{fresh_server.url}/api/backups/status", headers=su, timeout=30).json()
+    assert status["active"] is None and status["last"]["op"] == "create"  # no job started
+    response = httpx.post(f"{fresh_server.url}/api/backups/night.zip/restore", headers=su, content=b"[1, 2]",
+                          timeout=30)
+    assert response.status_code == 400
+
+
+def test_a_collection_in_neither_the_backup_nor_the_data_fails_the_job_and_changes_nothing(
+        fresh_server: ServerProcess) -> None:
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    shop(api, su)
+    add_note(api, su, "a", 1, collection="orders")
+    backup(fresh_server, "night.zip")
+    add_note(api, su, "b", 2, collection="orders")
+    wait_idle(fresh_server)
+    time.sleep(0.3)
+    db_before = database_state(fresh_server)
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["orders", "nowhere"], "mode": "replace"})
+    assert last["ok"] is False and "'nowhere'" in last["error"] and "neither" in last["error"], last
+    assert database_state(fresh_server) == db_before
+    # A collection the backup lacks: merge keeps it, replace deletes it (as in the backup: absent).
+    make_notes(api, su, "later")
+    add_note(api, su, "l", 1, os.urandom(100), collection="later")
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["later"], "dryRun": True, "mode": "replace"})
+    assert last["ok"] and last["summary"]["collections"]["later"]["action"] == "delete"
+    assert last["summary"]["collections"]["later"]["deleted"] == 1
+    assert last["summary"]["collections"]["later"]["files"]["removed"] == 1
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["later"]})
+    assert last["ok"] and last["summary"]["collections"]["later"]["action"] == "keep"
+    assert api.http.get("/api/collections/later", headers=login(fresh_server)).status_code == 200
+
+
+def test_missing_backup_and_busy_are_400s(fresh_server: ServerProcess) -> None:
+    su = login(fresh_server)
+    response = httpx.post(f"{fresh_server.url}/api/backups/missing.zip/restore", headers=su,
+                          json={"collections": ["users"]}, timeout=30)
+    assert response.status_code == 400 and response.json()["message"] == "Missing or invalid backup file."
+    response = httpx.post(f"{fresh_server.url}/api/backups/missing.zip/restore", json={"collections": ["users"]},
+                          timeout=30)
+    assert response.status_code == 401

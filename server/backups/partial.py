@@ -570,6 +570,7 @@ class _Restorer:
                    rows: int) -> int | None:
         """Copy the next ``rows`` rows (by rowid, kept) of ``source`` after ``after`` into the
         shadow; the last rowid copied, or None when there are none left."""
+        faults.gate("partial-copy")
         upper = self.conn.execute(f"SELECT rowid FROM {source} WHERE rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
                                   (after, rows - 1)).fetchone()
         names = ", ".join(F.quote(c) for c in columns)
