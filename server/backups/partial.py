@@ -570,7 +570,6 @@ class _Restorer:
                    rows: int) -> int | None:
         """Copy the next ``rows`` rows (by rowid, kept) of ``source`` after ``after`` into the
         shadow; the last rowid copied, or None when there are none left."""
-        faults.gate("partial-copy")
         upper = self.conn.execute(f"SELECT rowid FROM {source} WHERE rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
                                   (after, rows - 1)).fetchone()
         names = ", ".join(F.quote(c) for c in columns)
@@ -801,6 +800,7 @@ async def _copy_table(restorer: _Restorer, db: Database, source: str, target: st
     while True:
         if job.cancel.is_set():
             raise archive.Cancelled()
+        await asyncio.to_thread(faults.gate, "partial-copy")  # (tests hold the job here, between batches)
         started = time.monotonic()
         rows = batches.rows
         upper = await _paused(db, schema, lambda: restorer.copy_batch(source, target, schema, columns, after, rows))
