@@ -5,16 +5,20 @@ files; auth records that log in after a merge; conflicts that change nothing; ba
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import Api, ServerProcess, auth
+from conftest import ROOT, Api, ServerProcess, auth
 from test_backup_restore import add_note, backup, login, make_notes, notes, wait_idle, wait_restored
 
 
@@ -398,3 +402,130 @@ def test_missing_backup_and_busy_are_400s(fresh_server: ServerProcess) -> None:
     response = httpx.post(f"{fresh_server.url}/api/backups/missing.zip/restore", json={"collections": ["users"]},
                           timeout=30)
     assert response.status_code == 401
+
+
+# --- a PocketBase-made backup ------------------------------------------------------------------
+
+
+def test_collections_of_a_backup_made_by_pocketbase_are_restored(fresh_server: ServerProcess, pocketbase: str,
+                                                                tmp_path: Path) -> None:
+    """The live PocketBase 0.40.6 makes the backup: its ``orders`` (with a file) is created here
+    by a replace, and its ``users`` merged in log in with their PocketBase passwords."""
+    doc = os.urandom(5000)
+    with httpx.Client(base_url=pocketbase, timeout=60) as pb:
+        token = pb.post("/api/collections/_superusers/auth-with-password",
+                        json={"identity": "admin@example.com", "password": "1234567890"}).json()["token"]
+        su_pb = auth(token)
+        response = pb.post("/api/collections", headers=su_pb, json={
+            "name": "orders", "type": "base", "listRule": "", "viewRule": "",
+            "fields": [{"name": "title", "type": "text"}, {"name": "n", "type": "number"},
+                       {"name": "doc", "type": "file", "maxSelect": 1, "maxSize": 1 << 20}]})
+        assert response.status_code == 200, response.text
+        made = []
+        for i in range(3):
+            response = pb.post("/api/collections/orders/records", headers=su_pb, data={"title": f"pb {i}", "n": str(i)},
+                               files={"doc": ("doc.bin", doc)} if i == 0 else None)
+            assert response.status_code == 200, response.text
+            made.append(response.json())
+        response = pb.post("/api/collections/users/records", json={
+            "email": "pb-user@example.com", "password": "pb-password-1", "passwordConfirm": "pb-password-1"})
+        assert response.status_code == 200, response.text
+        assert pb.post("/api/backups", headers=su_pb, json={"name": "from_pb.zip"}).status_code == 204
+        file_token = pb.post("/api/files/token", headers=su_pb).json()["token"]
+        response = pb.get("/api/backups/from_pb.zip", params={"token": file_token})
+        assert response.status_code == 200
+        archive = tmp_path / "from_pb.zip"
+        archive.write_bytes(response.content)
+
+    su = login(fresh_server)
+    with open(archive, "rb") as handle:
+        response = httpx.post(f"{fresh_server.url}/api/backups/upload", headers=su,
+                              files={"file": ("from_pb.zip", handle, "application/zip")}, timeout=60)
+    assert response.status_code == 204, response.text
+    api = Api(fresh_server)
+    api.create_user("ours@example.com", "ours-password-1")
+
+    last = restore_partial(fresh_server, "from_pb.zip", {"collections": ["orders", "users"], "mode": "merge"})
+    assert last["ok"] is True, last
+    assert last["summary"]["collections"]["orders"]["action"] == "create"
+    assert last["summary"]["collections"]["orders"]["inserted"] == 3
+    # The file and the ``.attrs`` file PocketBase's storage keeps beside it.
+    assert last["summary"]["collections"]["orders"]["files"]["added"] == 2
+    assert last["summary"]["collections"]["users"]["inserted"] == 1
+    su = login(fresh_server)  # our superusers: untouched
+    records = notes(api, su, "orders")
+    assert {r["id"] for r in made} == set(records)
+    first = records[made[0]["id"]]
+    assert first["title"] == "pb 0" and first["doc"] == made[0]["doc"]
+    response = api.http.get(f"/api/files/orders/{first['id']}/{first['doc']}")
+    assert response.status_code == 200 and response.content == doc
+    api.login("users", "pb-user@example.com", "pb-password-1")
+    api.login("users", "ours@example.com", "ours-password-1")
+    add_note(api, su, "ours now", 9, collection="orders")
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def backup_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server", "backup", *args, "--dir", str(data_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_partial_restore_needs_the_server_stopped_and_prints_the_summary(fresh_server: ServerProcess) -> None:
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    shop(api, su)
+    gone = add_note(api, su, "gone later", 1, os.urandom(300), collection="orders")
+    add_note(api, su, "stays", 2, collection="orders")
+    backup(fresh_server, "night.zip")
+    assert api.http.delete(f"/api/collections/orders/records/{gone['id']}", headers=su).status_code == 204
+    data_dir = fresh_server.data_dir
+
+    result = backup_cli(data_dir, "restore", "night.zip", "--collections", "orders")
+    assert result.returncode == 1
+    assert "A server is running" in result.stderr and "POST /api/backups/night.zip/restore" in result.stderr
+    fresh_server.stop()
+    result = backup_cli(data_dir, "restore", "night.zip", "--collections", "orders,nowhere", "--mode", "replace")
+    assert result.returncode == 1 and "'nowhere'" in result.stderr, result.stderr
+    result = backup_cli(data_dir, "restore", "night.zip", "--collections", "_mfas")
+    assert result.returncode == 1 and "_mfas" in result.stderr, result.stderr
+
+    result = backup_cli(data_dir, "restore", "night.zip", "--collections", "orders", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary == {"dryRun": True, "collections": {"orders": {
+        "inserted": 1, "updated": 0, "deleted": 0, "unchanged": 1, "action": "merge",
+        "files": {"added": 1, "replaced": 0, "removed": 0}}}}
+    result = backup_cli(data_dir, "restore", "night.zip", "--collections", "orders")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["collection", "action", "inserted", "updated", "deleted", "unchanged", "files",
+                                "added", "replaced", "removed"]
+    assert lines[1].split() == ["orders", "merge", "1", "0", "0", "1", "1", "0", "0"]
+    assert lines[-1] == "Restored night.zip"
+    result = backup_cli(data_dir, "restore", "night.zip", "--dry-run")  # a full restore's dry run
+    assert result.returncode == 0, result.stderr
+    assert "Dry run: nothing was changed." in result.stdout and "_superusers" in result.stdout
+
+    fresh_server.start()
+    su = login(fresh_server)
+    records = notes(api, su, "orders")
+    assert gone["id"] in records
+    response = api.http.get(f"/api/files/orders/{gone['id']}/{gone['doc']}")
+    assert response.status_code == 200
+
+
+def test_the_manifest_counts_records_and_files_per_collection(fresh_server: ServerProcess) -> None:
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    shop(api, su)
+    for i in range(3):
+        add_note(api, su, f"o{i}", i, os.urandom(100) if i else None, collection="orders")
+    add_note(api, su, "c", 1, collection="customers")
+    path = backup(fresh_server, "night.zip")
+    with zipfile.ZipFile(path) as archive:
+        manifest = json.loads(archive.read("pb_backup_manifest.json"))
+    assert manifest["collections"]["orders"] == {"records": 3, "files": 2}
+    assert manifest["collections"]["customers"] == {"records": 1, "files": 0}
+    assert manifest["collections"]["_superusers"] == {"records": 1, "files": 0}
