@@ -353,19 +353,25 @@ def test_a_merge_breaking_a_unique_index_fails_with_the_ids_and_changes_nothing(
     ({"collections": ["_collections"]}, "collections", "validation_system_collection"),
     ({"collections": ["no such/name"]}, "collections", "validation_match_invalid"),
 ])
-def test_a_malformed_body_is_a_400_at_once(fresh_server: ServerProcess, body: dict[str, Any], field: str,
+def test_a_malformed_body_is_a_400_at_once(backed_up: ServerProcess, body: dict[str, Any], field: str,
                                            code: str) -> None:
-    su = login(fresh_server)
-    backup(fresh_server, "night.zip")
-    response = httpx.post(f"{fresh_server.url}/api/backups/night.zip/restore", headers=su, json=body, timeout=30)
+    su = login(backed_up)
+    response = httpx.post(f"{backed_up.url}/api/backups/night.zip/restore", headers=su, json=body, timeout=30)
     assert response.status_code == 400, response.text
     answer = response.json()
     assert answer["status"] == 400 and answer["data"][field]["code"] == code, answer
-    status = httpx.get(f"{fresh_server.url}/api/backups/status", headers=su, timeout=30).json()
+    status = httpx.get(f"{backed_up.url}/api/backups/status", headers=su, timeout=30).json()
     assert status["active"] is None and status["last"]["op"] == "create"  # no job started
-    response = httpx.post(f"{fresh_server.url}/api/backups/night.zip/restore", headers=su, content=b"[1, 2]",
+    response = httpx.post(f"{backed_up.url}/api/backups/night.zip/restore", headers=su, content=b"[1, 2]",
                           timeout=30)
     assert response.status_code == 400
+
+
+@pytest.fixture(scope="module")
+def backed_up(server: ServerProcess) -> ServerProcess:
+    """The module's server, with the backup ``night.zip`` (for tests that never start a job)."""
+    backup(server, "night.zip")
+    return server
 
 
 def test_a_collection_in_neither_the_backup_nor_the_data_fails_the_job_and_changes_nothing(

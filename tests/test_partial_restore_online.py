@@ -69,7 +69,7 @@ def test_other_collections_are_served_and_the_restored_one_refuses_writes_until_
         assert old_count == 40_003
 
         # Writers on both collections all along; the job is held in the middle of its copy.
-        gate.write_text("2")
+        gate.write_text("1")  # the second batch of a shadow copy; after building the new data.db
         stop = threading.Event()
         results: dict[str, list[Any]] = {"customers": [], "orders": [], "orders_ok": [], "reads": []}
 

@@ -404,10 +404,15 @@ class BackupManager:
                 databases = [_database_source("data.db", self.db, data_db),
                              _database_source("auxiliary.db", self.aux_db, aux_db)]
                 job.bytes_total = sum(await asyncio.to_thread(_sizes, databases + files))
-                for source in databases:
-                    await asyncio.to_thread(zipper.add, source)
-                # Per collection, its records and files at backup time (for the catalog, issue 14).
-                counts = await asyncio.to_thread(partial.collection_counts, data_db, [f.arcname for f in files])
+                # Per collection, its records and files at backup time (for the catalog, issue 14),
+                # counted on a thread of its own while the databases are written.
+                counting = asyncio.ensure_future(asyncio.to_thread(partial.collection_counts, data_db,
+                                                                   [f.arcname for f in files]))
+                try:
+                    for source in databases:
+                        await asyncio.to_thread(zipper.add, source)
+                finally:
+                    counts = await counting
             # The databases are in; the snapshots are released so the WAL can be checkpointed again.
             for source in files:
                 await asyncio.to_thread(zipper.add, source, True)

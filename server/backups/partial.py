@@ -71,6 +71,11 @@ MARKER = "__pbPartialRestore__"  # the _params row written by the switching tran
 TABLE_PREFIX = "_pb_partial_"  # shadow and old tables; any left at start are dropped
 BATCH_SECONDS = 0.025  # the write lock is held about this long per batch (writers wait at most that)
 MAX_CONFLICTS = 10  # ids named in a refusal
+# A replace may instead build a whole new data.db from the extracted one (the restored tables as
+# they are) plus the rest of the live data, copied while writers wait, then swap the file: no
+# row of a big collection is copied. Used while the rest is at most this many rows, and smaller
+# than what is restored.
+FILE_SWAP_MAX_ROWS = 50_000
 _NAME_RE = re.compile(r"^\w+$")
 _IDENT = r'(?:`[^`]+`|"(?:[^"]|"")+"|\[[^\]]+\]|[\w$]+)'
 _TABLE_RE = re.compile(rf"^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{_IDENT}", re.I)
@@ -307,6 +312,9 @@ class _Restorer:
         self.dry_run = request.dry_run
         self.targets: list[Target] = []
         self.committed = False
+        self.file_mode = False  # the whole data.db is swapped (see ``choose_file_mode``)
+        self.backup_db = backup_db
+        self._new: sqlite3.Connection | None = None
         self.conn = _connect(root / "data.db")
         self.conn.execute("ATTACH DATABASE ? AS bk", (f"file:{urllib.parse.quote(str(backup_db))}?mode=ro",))
         # A dry run's merges are built in a scratch database: data.db is not written at all.
@@ -318,8 +326,116 @@ class _Restorer:
             self.schema = "scratch"
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self.conn.close()
+        for conn in (self.conn, self._new):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    # --- replacing by swapping data.db ---------------------------------------------------
+
+    def choose_file_mode(self) -> bool:
+        """Whether to swap the whole data.db: a real replace whose restored collections hold more
+        rows than the rest of the live data, itself small (and plain: tables and indexes only)."""
+        if self.dry_run or not self.targets or any(t.action not in ("replace", "create", "delete")
+                                                   for t in self.targets):
+            return False
+        skip = {t.current["name"].lower() for t in self.targets if t.current is not None}
+        rest = 0
+        for row in self.conn.execute("SELECT type, name, sql FROM main.sqlite_master").fetchall():
+            if row["type"] in ("view", "trigger") or row["name"].lower() == "sqlite_sequence":
+                return False
+            if row["type"] != "table" or row["name"].lower() in skip or row["name"].startswith("sqlite_"):
+                continue
+            if "WITHOUT ROWID" in (row["sql"] or "").upper():
+                return False
+            cap = FILE_SWAP_MAX_ROWS + 1 - rest
+            rest += self._count(f"SELECT count(*) FROM (SELECT 1 FROM main.{F.quote(row['name'])} LIMIT {cap})")
+            if rest > FILE_SWAP_MAX_ROWS:
+                return False
+        restored = sum(self._count(f"SELECT count(*) FROM bk.{F.quote(t.backup['name'])}")
+                       for t in self.targets if t.backup is not None and t.action in ("replace", "create"))
+        self.file_mode = restored > rest
+        return self.file_mode
+
+    def build_file(self) -> None:
+        """The extracted data.db, reduced to the restored collections' tables (no lock taken)."""
+        self.conn.close()  # (attached to the extracted file; reopened after the swap)
+        keep = {t.backup["name"].lower() for t in self.targets if t.backup is not None
+                and t.action in ("replace", "create")}
+        new = sqlite3.connect(self.backup_db, isolation_level=None, check_same_thread=False)
+        new.row_factory = sqlite3.Row
+        self._new = new
+        new.execute("PRAGMA journal_mode = DELETE")
+        new.execute("PRAGMA synchronous = OFF")  # fsynced once complete
+        for kind, name in new.execute("SELECT type, name FROM sqlite_master WHERE type IN ('view', 'trigger')"):
+            new.execute(f"DROP {kind.upper()} IF EXISTS {F.quote(name)}")
+        for (name,) in new.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' "
+                                   "ESCAPE '\\'").fetchall():
+            if name.lower() not in keep:
+                new.execute(f"DROP TABLE {F.quote(name)}")
+
+    def copy_live(self) -> None:
+        """The rest of the live data into the new file, the definitions and the commit marker
+        (this process's writers paused: the copy is the live data at this instant)."""
+        new = self._new
+        assert new is not None
+        live_db = self.root / "data.db"
+        new.execute("ATTACH DATABASE ? AS live", (f"file:{urllib.parse.quote(str(live_db))}?mode=ro",))
+        skip = {t.current["name"].lower() for t in self.targets if t.current is not None}
+        new.execute("BEGIN")
+        try:
+            rows = new.execute("SELECT type, name, tbl_name, sql FROM live.sqlite_master "
+                               "WHERE sql IS NOT NULL ORDER BY type = 'index', rowid").fetchall()
+            for kind, name, table, sql in rows:
+                if table.lower() in skip or name.startswith("sqlite_"):
+                    continue
+                if kind == "table":
+                    new.execute(_rewrite_table(sql, "main", name))
+                    columns = ", ".join(F.quote(c) for c in _columns(new, "live", name))
+                    new.execute(f"INSERT INTO main.{F.quote(name)} (rowid, {columns}) "
+                                f"SELECT rowid, {columns} FROM live.{F.quote(name)}")
+                elif kind == "index":
+                    new.execute(sql)
+            columns = [row[1] for row in new.execute("PRAGMA main.table_info(_collections)")]
+            for target in self.targets:
+                if target.current is not None:
+                    new.execute("DELETE FROM main._collections WHERE id = ?", (target.current["id"],))
+                if target.action in ("replace", "create"):
+                    assert target.backup is not None
+                    present = [c for c in columns if c in target.backup]
+                    new.execute(f"INSERT INTO main._collections ({', '.join(F.quote(c) for c in present)}) "
+                                f"VALUES ({', '.join('?' for _ in present)})", [target.backup[c] for c in present])
+            new.execute("INSERT OR REPLACE INTO main._params (id, value, created, updated) VALUES (?, ?, ?, ?)",
+                        (MARKER, json.dumps({"token": self.token}), now(), now()))
+            new.execute("COMMIT")
+        except BaseException:
+            new.execute("ROLLBACK")
+            raise
+        finally:
+            new.execute("DETACH DATABASE live")
+        new.close()
+        self._new = None
+        fd = os.open(self.backup_db, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def swap_file(self) -> None:
+        """Put the new file in place of data.db (every connection to it closed): the commit."""
+        live_db = self.root / "data.db"
+        wal = live_db.with_name("data.db-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise RestoreRefused("Another process has data.db open; nothing was changed.")
+        faults.point("partial-before-commit")
+        for leftover in (wal, live_db.with_name("data.db-shm")):
+            leftover.unlink(missing_ok=True)
+        os.replace(self.backup_db, live_db)
+        fsync_dir(self.root)
+        self.committed = True
+
+    def reconnect(self) -> None:
+        self.conn = _connect(self.root / "data.db")
 
     # --- resolving ---------------------------------------------------------------------
 
@@ -921,6 +1037,10 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                 held = names
         job.summary = await asyncio.to_thread(restorer.summarize)
         clock.lap("summary")
+        if not request.dry_run and await asyncio.to_thread(restorer.choose_file_mode):
+            await _swap_file(restorer, manager, job, held, clock)
+            held = set()
+            return
         await _build(restorer, manager.db, job)
         clock.lap("built")
         if request.dry_run:
@@ -954,12 +1074,40 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
             await asyncio.to_thread(shutil.rmtree, work, True)
 
 
+async def _swap_file(restorer: _Restorer, manager: BackupManager, job: Job, held: set[str], clock: _Clock) -> None:
+    """The replace by a new data.db (``_Restorer.choose_file_mode``)."""
+    store = manager.collections
+    assert store is not None
+    await asyncio.to_thread(faults.gate, "partial-copy")  # (tests hold the job here)
+    await asyncio.to_thread(restorer.build_file)
+    await asyncio.to_thread(faults.gate, "partial-copy")
+    faults.point("partial-copying")
+    clock.lap("new data.db built")
+    await asyncio.to_thread(restorer.journal, job.key, format_datetime(job.started_at), "staged")
+    await asyncio.to_thread(restorer.stage_added)
+    faults.point("partial-staged")
+    async with manager.db.writes_paused():
+        await asyncio.to_thread(restorer.copy_live)
+        await manager.db.replace_file(restorer.swap_file)
+        faults.point("partial-committed")
+        await asyncio.to_thread(restorer.reconnect)
+        await store.reload()
+        store.restoring -= held
+    clock.lap("rest copied and switched")
+    await asyncio.to_thread(restorer.finish_files)
+    faults.point("partial-files-done")
+    await asyncio.to_thread(restorer.forget)
+    clock.lap("files")
+    logger.info("partial restore of %s (%s, data.db swapped): %s", job.key,
+                ", ".join(t.name for t in restorer.targets), clock)
+
+
 async def _abort(restorer: _Restorer, db: Database) -> None:
     """Undo what an uncommitted restore did: the files moved in, the shadow tables."""
     try:
         await asyncio.to_thread(restorer.undo_staged)
         await asyncio.to_thread((restorer.work / "journal.json").unlink, True)
-        if not restorer.dry_run:
+        if not restorer.dry_run and not restorer.file_mode:
             tables = await asyncio.to_thread(restorer.leftover_tables)
             await _drop_tables(restorer, db, tables)
     except Exception:  # the next start finishes it (recover)
