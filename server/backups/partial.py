@@ -313,6 +313,7 @@ class _Restorer:
         self.targets: list[Target] = []
         self.committed = False
         self.file_mode = False  # the whole data.db is swapped (see ``choose_file_mode``)
+        self._counted = False
         self.backup_db = backup_db
         self._new: sqlite3.Connection | None = None
         self.conn = _connect(root / "data.db")
@@ -373,6 +374,7 @@ class _Restorer:
                                    "ESCAPE '\\'").fetchall():
             if name.lower() not in keep:
                 new.execute(f"DROP TABLE {F.quote(name)}")
+        _fsync(self.backup_db)  # now: the fsync after the copy of the rest (writers waiting) has little left
 
     def copy_live(self) -> None:
         """The rest of the live data into the new file, the definitions and the commit marker
@@ -415,11 +417,7 @@ class _Restorer:
             new.execute("DETACH DATABASE live")
         new.close()
         self._new = None
-        fd = os.open(self.backup_db, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(self.backup_db)
 
     def swap_file(self) -> None:
         """Put the new file in place of data.db (every connection to it closed): the commit."""
@@ -503,11 +501,17 @@ class _Restorer:
 
     # --- the summary -------------------------------------------------------------------
 
-    def summarize(self) -> dict[str, Any]:
-        """Count what the restore changes (records and files) and plan the file work."""
-        out: dict[str, Any] = {}
+    def count_records(self) -> None:
         for target in self.targets:
             self._count_records(target)
+        self._counted = True
+
+    def summarize(self) -> dict[str, Any]:
+        """Count what the restore changes (records and files) and plan the file work."""
+        if not self._counted:
+            self.count_records()
+        out: dict[str, Any] = {}
+        for target in self.targets:
             self._plan_files(target)
             summary = dict(target.summary)
             summary["action"] = target.action
@@ -840,6 +844,14 @@ class _Restorer:
         return False
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     temp = path.with_name(path.name + ".tmp")
     with open(temp, "w") as handle:
@@ -1024,17 +1036,23 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
             restorer = await asyncio.to_thread(_Restorer, root, work / "db" / "data.db", work / "stage", work,
                                                request, token)
             await asyncio.to_thread(restorer.resolve)
+            if not request.dry_run:
+                names = {t.name.lower() for t in restorer.targets} | {
+                    t.current["name"].lower() for t in restorer.targets if t.current is not None}
+                async with manager.db.writes_paused():  # no write to them commits from now on
+                    store.restoring |= names
+                    held = names
             prefixes = tuple(restorer.storage_prefixes())
-            await asyncio.to_thread(archive.extract, zip_path, work / "stage", job.advance, job.cancel, set_total,
-                                    lambda path: path.startswith(prefixes) if prefixes else False)
+            # The records are counted while the files are extracted.
+            counting = asyncio.ensure_future(asyncio.to_thread(restorer.count_records))
+            try:
+                await asyncio.to_thread(archive.extract, zip_path, work / "stage", job.advance, job.cancel, set_total,
+                                        lambda path: path.startswith(prefixes) if prefixes else False)
+            finally:
+                await asyncio.wait([counting])
+            counting.result()
         clock.lap("fetched and verified")
         faults.point("partial-verified")
-        if not request.dry_run:
-            names = {t.name.lower() for t in restorer.targets} | {t.current["name"].lower() for t in restorer.targets
-                                                                  if t.current is not None}
-            async with manager.db.writes_paused():  # no write to them commits from now on
-                store.restoring |= names
-                held = names
         job.summary = await asyncio.to_thread(restorer.summarize)
         clock.lap("summary")
         if not request.dry_run and await asyncio.to_thread(restorer.choose_file_mode):
