@@ -23,6 +23,12 @@ The job, step by step (``run``):
 7. After the commit: replaced files are swapped in, removed ones deleted, the old table is
    deleted in batches, then the journal and the marker go.
 
+A ``replace`` of collections bigger than the rest of the data (``_Restorer.choose_file_mode``)
+skips 4 and 6: the extracted data.db itself, reduced to their tables, gets the rest of the live
+data (copied with the writers paused) and the marker, and replaces data.db while every
+connection is closed (``Database.replace_file``): that rename is the commit. Copying a big
+table row by row would rewrite its random-order id index batch after batch.
+
 A crash at any point is settled at the next start (``recover``), before anything is served:
 with the marker the file moves are completed; without it the moved files are taken back.
 Either way, left-over shadow and old tables are dropped. So a collection is either wholly
@@ -549,9 +555,15 @@ class _Restorer:
             pairs = [("b." + F.quote(c), "l." + F.quote(c)) for c in common]
         equal = " AND ".join(f"({a}) IS {b}" for a, b in pairs) if pairs else "0"
         n_bk = self._count(f"SELECT count(*) FROM {theirs}")
-        row = self.conn.execute(f"SELECT count(*), coalesce(sum(CASE WHEN {equal} THEN 1 ELSE 0 END), 0) "
-                                f"FROM {theirs} AS b JOIN {live} AS l ON l.id = b.id").fetchone()
-        shared, same = int(row[0]), int(row[1])
+        # Records mostly keep their rowid (a restore keeps it too): those are paired by rowid, a
+        # walk of both tables in order; only the others are looked up by id.
+        counted = f"count(*), coalesce(sum(CASE WHEN {equal} THEN 1 ELSE 0 END), 0)"
+        by_rowid = self.conn.execute(f"SELECT {counted} FROM {theirs} AS b JOIN {live} AS l "
+                                     "ON l.rowid = b.rowid WHERE l.id = b.id").fetchone()
+        by_id = self.conn.execute(
+            f"SELECT {counted} FROM {theirs} AS b JOIN {live} AS l ON l.id = b.id "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {live} AS x WHERE x.rowid = b.rowid AND x.id = b.id)").fetchone()
+        shared, same = int(by_rowid[0]) + int(by_id[0]), int(by_rowid[1]) + int(by_id[1])
         s.update(inserted=n_bk - shared, updated=shared - same, unchanged=same,
                  deleted=n_live - shared if target.action == "replace" else 0)
 
