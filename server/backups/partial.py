@@ -1043,9 +1043,14 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
         job.bytes_total = info.size if info is not None else 0
         async with storage.local_copy(job.key, manager.datadir.temp, job.advance) as zip_path:
             faults.point("partial-fetched")
+            # One pass for data.db and the files of the collections of those names now (a backup
+            # mostly has the same ids); a second one for the files of any other id it turns out to
+            # have. Files land in work/db/storage/<collectionId>/...
+            guessed = tuple(f"storage/{found.id}/" for found in (store.find(name) for name in request.collections or ())
+                            if found is not None)
             await asyncio.to_thread(archive.extract, zip_path, work / "db", job.advance, job.cancel, set_total,
-                                    lambda path: path == "data.db")
-            restorer = await asyncio.to_thread(_Restorer, root, work / "db" / "data.db", work / "stage", work,
+                                    lambda path: path == "data.db" or (bool(guessed) and path.startswith(guessed)))
+            restorer = await asyncio.to_thread(_Restorer, root, work / "db" / "data.db", work / "db", work,
                                                request, token)
             await asyncio.to_thread(restorer.resolve)
             if not request.dry_run:
@@ -1054,12 +1059,14 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                 async with manager.db.writes_paused():  # no write to them commits from now on
                     store.restoring |= names
                     held = names
-            prefixes = tuple(restorer.storage_prefixes())
-            # The records are counted while the files are extracted.
+            missing = tuple(p for p in restorer.storage_prefixes() if p not in guessed)
+            # The records are counted meanwhile.
             counting = asyncio.ensure_future(asyncio.to_thread(restorer.count_records))
             try:
-                await asyncio.to_thread(archive.extract, zip_path, work / "stage", job.advance, job.cancel, set_total,
-                                        lambda path: path.startswith(prefixes) if prefixes else False)
+                if missing:
+                    await asyncio.to_thread(archive.extract, zip_path, work / "more", job.advance, job.cancel,
+                                            set_total, lambda path: path.startswith(missing))
+                    await asyncio.to_thread(_merge_dirs, work / "more" / "storage", work / "db" / "storage")
             finally:
                 await asyncio.wait([counting])
             counting.result()
@@ -1158,6 +1165,15 @@ class _Clock:
 
     def __str__(self) -> str:
         return ", ".join(self.laps)
+
+
+def _merge_dirs(source: Path, target: Path) -> None:
+    """Move the entries of ``source`` (collection directories) into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        for entry in os.listdir(source):
+            if not (target / entry).exists():
+                os.rename(source / entry, target / entry)
 
 
 def _fresh_dir(path: Path) -> None:
