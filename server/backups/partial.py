@@ -554,16 +554,20 @@ class _Restorer:
         else:
             pairs = [("b." + F.quote(c), "l." + F.quote(c)) for c in common]
         equal = " AND ".join(f"({a}) IS {b}" for a, b in pairs) if pairs else "0"
-        n_bk = self._count(f"SELECT count(*) FROM {theirs}")
-        # Records mostly keep their rowid (a restore keeps it too): those are paired by rowid, a
-        # walk of both tables in order; only the others are looked up by id.
-        counted = f"count(*), coalesce(sum(CASE WHEN {equal} THEN 1 ELSE 0 END), 0)"
-        by_rowid = self.conn.execute(f"SELECT {counted} FROM {theirs} AS b JOIN {live} AS l "
-                                     "ON l.rowid = b.rowid WHERE l.id = b.id").fetchone()
-        by_id = self.conn.execute(
-            f"SELECT {counted} FROM {theirs} AS b JOIN {live} AS l ON l.id = b.id "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {live} AS x WHERE x.rowid = b.rowid AND x.id = b.id)").fetchone()
-        shared, same = int(by_rowid[0]) + int(by_id[0]), int(by_rowid[1]) + int(by_id[1])
+        # Records mostly keep their rowid (a restore keeps it too): those are paired by rowid, in
+        # one walk of both tables in order; only the others are looked up by id.
+        row = self.conn.execute(
+            f"SELECT count(*), coalesce(sum(l.id IS b.id), 0), "
+            f"coalesce(sum(CASE WHEN l.id IS b.id AND {equal} THEN 1 ELSE 0 END), 0) "
+            f"FROM {theirs} AS b LEFT JOIN {live} AS l ON l.rowid = b.rowid").fetchone()
+        n_bk, paired, paired_same = int(row[0]), int(row[1]), int(row[2])
+        by_id = (0, 0)
+        if paired < n_bk:
+            by_id = self.conn.execute(
+                f"SELECT count(*), coalesce(sum(CASE WHEN {equal} THEN 1 ELSE 0 END), 0) "
+                f"FROM {theirs} AS b JOIN {live} AS l ON l.id = b.id "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {live} AS x WHERE x.rowid = b.rowid AND x.id = b.id)").fetchone()
+        shared, same = paired + int(by_id[0]), paired_same + int(by_id[1])
         s.update(inserted=n_bk - shared, updated=shared - same, unchanged=same,
                  deleted=n_live - shared if target.action == "replace" else 0)
 
