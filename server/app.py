@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from . import faults
-from .backups import BackupManager, restore
+from .backups import BackupManager, partial, restore
 from .backups.manager import describe_error
 from .collections import SUPERUSERS, CollectionStore
 from .cron import Scheduler
@@ -50,6 +50,7 @@ class App:
         self.logs = LogWriter(self.aux_db)
         self.scheduler = scheduler or Scheduler.from_env()
         self.backups = BackupManager(self.datadir, self.db, self.aux_db, self.settings, self.logs)
+        self.backups.collections = self.collections  # (partial restores)
         self._started = False
         self._serving = False  # set by start(): a serving process
 
@@ -109,6 +110,12 @@ class App:
             outcome = await asyncio.to_thread(restore.committed_outcome, root)
         if outcome is not None:
             self.backups.record_restore_outcome(outcome)
+        if maintenance:  # a partial restore the process was stopped in: completed or taken back
+            interrupted = await asyncio.to_thread(partial.recover, root)
+            if interrupted is not None:
+                self.backups.record_restore_outcome(restore.Outcome(
+                    interrupted["key"], interrupted["startedAt"], interrupted["ok"], interrupted["error"]))
+                await self.collections.reload()
 
     async def _open_data(self) -> None:
         await self.db.open()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .app import App, opened
-from .backups import archive, restore
+from .backups import archive, partial, restore
 from .backups.manager import AUTO_PREFIX, BUSY_MESSAGE, Busy, BackupManager, RestoreReady, describe_error
 from .errors import ApiError, NotFound
 from .tools.times import format_datetime
@@ -230,6 +230,70 @@ async def restore_backup(data_dir: str, args: argparse.Namespace, progress: Prog
                       "in the data directory and saved at the next start")
 
 
+async def restore_partial(data_dir: str, args: argparse.Namespace, progress: Progress) -> None:
+    """``restore KEY --collections a,b [--mode] [--dry-run]``, or a full restore's ``--dry-run``:
+    the server's partial restore job, run here with the server stopped; prints the summary."""
+    body: dict[str, Any] = {"dryRun": bool(args.dry_run)}
+    if args.collections is not None:
+        body["collections"] = [name.strip() for name in args.collections.split(",") if name.strip()]
+        body["mode"] = args.mode or "merge"
+    elif args.mode:
+        body["mode"] = args.mode
+    try:
+        request = partial.parse_request(body)
+    except ApiError as exc:
+        raise Failure(describe_error(exc)) from None
+    assert request is not None
+    app = App(data_dir)
+    lock = app.backups.lock
+    if not lock.try_exclusive():
+        raise Failure(SERVER_RUNNING.replace("{key}", args.key))
+    try:
+        await app.open()
+        try:
+            await app.logs.prepare()
+            manager = app.backups
+            await manager.start_restore(args.key, request)
+            what = "Dry run of" if request.dry_run else "Restoring"
+            names = f" ({', '.join(request.collections)}, {request.mode})" if request.collections else ""
+            progress.step(f"{what} {args.key}{names}")
+            await _follow(manager, progress, manager.wait())
+            last = manager.last or {}
+        finally:
+            await app.logs.flush()
+            await app.close()
+    finally:
+        lock.release_exclusive()
+    progress.done()
+    if not last.get("ok"):
+        raise Failure(f"The restore failed; nothing was changed: {last.get('error') or 'unknown error'}")
+    summary = last.get("summary") or {"dryRun": request.dry_run, "collections": {}}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return
+    print(summary_table(summary))
+    print("Dry run: nothing was changed." if request.dry_run else f"Restored {args.key}")
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """A restore's summary, one line per collection."""
+    header = ("collection", "action", "inserted", "updated", "deleted", "unchanged", "files added", "replaced",
+              "removed")
+    rows = [header]
+    for name, item in summary.get("collections", {}).items():
+        files = item.get("files", {})
+        rows.append((name, item.get("action", ""), *(str(item.get(k, 0)) for k in ("inserted", "updated", "deleted",
+                                                                                   "unchanged")),
+                     *(str(files.get(k, 0)) for k in ("added", "replaced", "removed"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])] + [cell.rjust(widths[i + 2])
+                                                                      for i, cell in enumerate(row[2:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
 async def _prepare_restore(app: App, key: str, progress: Progress) -> RestoreReady:
     ready: list[RestoreReady] = []
 
@@ -280,6 +344,14 @@ def add_parser(commands: Any, default_dir: str) -> None:
             action.add_argument("--quick", action="store_true",
                                 help="check the databases as a restore does (quick_check when the manifest's "
                                      "checksums match) instead of the full integrity_check")
+        if name == "restore":
+            action.add_argument("--collections", metavar="A,B",
+                                help="restore only these collections (records and files); the rest is left alone")
+            action.add_argument("--mode", choices=partial.MODES,
+                                help="with --collections: merge (default: the backup's records written back, "
+                                     "newer ones kept) or replace (the collections exactly as in the backup)")
+            action.add_argument("--dry-run", action="store_true", help="change nothing; print what would change")
+            action.add_argument("--json", action="store_true", help="print the summary as JSON")
     prune = actions.add_parser("prune", parents=[common], help="delete all but the newest scheduled backups")
     prune.add_argument("--keep", type=int, required=True, metavar="N", help="how many to keep (0: delete all)")
     prune.add_argument("--all", action="store_true", help="consider every backup, not only the scheduled ones")
@@ -297,7 +369,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not Path(args.dir).is_dir():
             raise Failure(f"No data directory at {args.dir}")
-        if args.action == "restore":
+        if args.action == "restore" and (args.collections is not None or args.dry_run or args.mode):
+            asyncio.run(restore_partial(args.dir, args, progress))
+        elif args.action == "restore":
             asyncio.run(restore_backup(args.dir, args, progress))
         else:
             asyncio.run(_with_app(args, progress))

@@ -212,6 +212,9 @@ def validate_rule(expression: Any, columns: Iterable[str]) -> dict[str, str] | N
     return None
 
 
+RESTORING_MESSAGE = "The collection is being restored; try again in a moment."
+
+
 class CollectionStore:
     """The cached set of collections, and every change to them."""
 
@@ -219,6 +222,14 @@ class CollectionStore:
         self._db = db
         self._datadir = datadir
         self._by_id: dict[str, Collection] = {}
+        # Names (lower case) of the collections a partial restore is rewriting: their records and
+        # definitions may not change meanwhile. Set with the database's writes paused, and checked
+        # inside every write transaction, so no write to them commits after it is set.
+        self.restoring: set[str] = set()
+
+    def check_writable(self, collection: Collection) -> None:
+        if collection.name.lower() in self.restoring:
+            raise BadRequest(RESTORING_MESSAGE)
 
     async def bootstrap(self) -> None:
         async with self._db.transaction() as tx:
@@ -299,7 +310,9 @@ class CollectionStore:
         candidate = Collection(id=collection_id, name="", type=kind, fields=base_fields, created=stamp, updated=stamp,
                                options=_auth_options(604800) if kind == "auth" else {})
         collection = self._apply(candidate, data, errors, creating=True)
+        self.check_writable(collection)  # (a collection being restored from the backup, created again)
         async with self._db.transaction() as tx:
+            self.check_writable(collection)
             await self._insert(tx, collection)
             await self._create_table(tx, collection)
         await self.reload()
@@ -309,9 +322,15 @@ class CollectionStore:
         errors: dict[str, Any] = {}
         if "type" in data and data["type"] != current.type:
             errors["type"] = field_error("validation_collection_type_change", "Collection type cannot be changed.")
+        self.check_writable(current)
         updated = self._apply(copy.deepcopy(current), data, errors, creating=False)
         updated.updated = now()
+        if updated.name.lower() in self.restoring:
+            raise BadRequest(RESTORING_MESSAGE)
         async with self._db.transaction() as tx:
+            self.check_writable(current)
+            if updated.name.lower() in self.restoring:
+                raise BadRequest(RESTORING_MESSAGE)
             await self._migrate(tx, current, updated)
             await tx.execute(
                 "UPDATE _collections SET name=?, fields=?, indexes=?, listRule=?, viewRule=?, createRule=?, "
@@ -325,7 +344,9 @@ class CollectionStore:
     async def delete(self, collection: Collection) -> None:
         if collection.system:
             raise ValidationError({}, "Failed to delete collection.")
+        self.check_writable(collection)
         async with self._db.transaction() as tx:
+            self.check_writable(collection)
             await tx.execute(f"DROP TABLE IF EXISTS {F.quote(collection.name)}")
             await tx.execute("DELETE FROM _collections WHERE id = ?", (collection.id,))
         await self.reload()

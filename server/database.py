@@ -11,7 +11,7 @@ import io
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,11 @@ class Database:
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
         self._file_fd: int | None = None
+        # Reads wait while the file is being replaced (``replace_file``); ``_reading`` counts those
+        # in progress.
+        self._reads_open = asyncio.Event()
+        self._reads_open.set()
+        self._reading = 0
 
     async def open(self) -> None:
         self._writer = await _connect(self.path)
@@ -136,13 +141,42 @@ class Database:
                 raise
             await self._writer.execute("COMMIT")
 
+    @asynccontextmanager
+    async def writes_paused(self) -> AsyncIterator[None]:
+        """This process's writers wait while the context lasts (another connection writes a short
+        batch meanwhile: a partial restore). Fair: writers queued before go first."""
+        async with self._write_lock:
+            yield
+
     async def execute(self, sql: str, params: Params = ()) -> int:
         async with self.transaction() as tx:
             return await tx.execute(sql, params)
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        if not self._reads_open.is_set():
+            await self._reads_open.wait()
         assert self._reader is not None, "database is not open"
-        return list(await self._reader.execute_fetchall(sql, params))
+        self._reading += 1
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        finally:
+            self._reading -= 1
+
+    async def replace_file(self, replace: Callable[[], None]) -> None:
+        """Close the connections, run ``replace`` (blocking, in a thread: it puts another file at
+        ``path``), and open again, on the old file if ``replace`` raised. The caller holds
+        ``writes_paused``; reads wait meanwhile (a partial restore's switch, milliseconds)."""
+        self._reads_open.clear()
+        try:
+            while self._reading:
+                await asyncio.sleep(0.001)
+            await self.close()
+            try:
+                await asyncio.to_thread(replace)
+            finally:
+                await self.open()
+        finally:
+            self._reads_open.set()
 
     async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)

@@ -173,6 +173,7 @@ class RecordService:
         rule = collection.rule("createRule")
         if rule is None and not requester.is_superuser:
             raise Forbidden("Only superusers can perform this action.")
+        self._collections.check_writable(collection)
         values, pending, errors = await self._prepare(collection, payload, requester, None)
         if errors:
             raise ValidationError(errors, "Failed to create record.")
@@ -181,6 +182,7 @@ class RecordService:
         written = await self._write_files(collection, values["id"], pending)
         try:
             async with self._db.transaction() as tx:
+                self._collections.check_writable(collection)
                 await self._insert(tx, collection, values)
         except BaseException:
             await asyncio.to_thread(_remove_files, written)
@@ -192,6 +194,7 @@ class RecordService:
     async def update(self, collection: Collection, record_id: str, payload: RecordInput, requester: Requester) -> dict[str, Any]:
         if collection.rule("updateRule") is None and not requester.is_superuser:
             raise Forbidden("Only superusers can perform this action.")
+        self._collections.check_writable(collection)
         current = await self._fetch_allowed(collection, record_id, requester, "updateRule")
         values, pending, errors = await self._prepare(collection, payload, requester, current)
         if errors:
@@ -199,6 +202,7 @@ class RecordService:
         written = await self._write_files(collection, record_id, pending)
         try:
             async with self._db.transaction() as tx:
+                self._collections.check_writable(collection)
                 assignments = ", ".join(f"{F.quote(k)} = ?" for k in values)
                 await tx.execute(
                     f"UPDATE {F.quote(collection.name)} SET {assignments} WHERE id = ?",
@@ -218,19 +222,24 @@ class RecordService:
     async def delete(self, collection: Collection, record_id: str, requester: Requester) -> None:
         if collection.rule("deleteRule") is None and not requester.is_superuser:
             raise Forbidden("Only superusers can perform this action.")
+        self._collections.check_writable(collection)
         await self._fetch_allowed(collection, record_id, requester, "deleteRule")
         if collection.is_superusers and int(await self._db.scalar(f"SELECT COUNT(*) FROM {F.quote(collection.name)}")) <= 1:
             raise BadRequest("You can't delete the only existing superuser.")
-        await self._db.execute(f"DELETE FROM {F.quote(collection.name)} WHERE id = ?", (record_id,))
+        async with self._db.transaction() as tx:
+            self._collections.check_writable(collection)
+            await tx.execute(f"DELETE FROM {F.quote(collection.name)} WHERE id = ?", (record_id,))
         target = self._datadir.record_dir(collection.id, record_id)
         await asyncio.to_thread(shutil.rmtree, target, True)
 
     async def set_password(self, collection: Collection, record_id: str, password: str) -> None:
         hashed = await tokens.hash_password(password)
-        await self._db.execute(
-            f"UPDATE {F.quote(collection.name)} SET password = ?, tokenKey = ?, updated = ? WHERE id = ?",
-            (hashed, tokens.new_token_key(), now(), record_id),
-        )
+        async with self._db.transaction() as tx:
+            self._collections.check_writable(collection)
+            await tx.execute(
+                f"UPDATE {F.quote(collection.name)} SET password = ?, tokenKey = ?, updated = ? WHERE id = ?",
+                (hashed, tokens.new_token_key(), now(), record_id),
+            )
 
     async def insert_auth_record(self, collection: Collection, email: str, password: str) -> str:
         """Create an auth record directly (the CLI's superuser upsert); returns its id."""
@@ -238,6 +247,7 @@ class RecordService:
         values.update(id=random_id(), email=email, password=await tokens.hash_password(password),
                       tokenKey=tokens.new_token_key(), verified=True)
         async with self._db.transaction() as tx:
+            self._collections.check_writable(collection)
             await self._insert(tx, collection, values)
         return values["id"]
 

@@ -8,6 +8,7 @@ from email.utils import format_datetime as http_date
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from ..backups.partial import parse_request as parse_restore_request
 from ..errors import BadRequest, Forbidden, NotFound, ValidationError, field_error
 from ..tools.multipart import MultipartError, file_part
 from ..tools.times import format_datetime
@@ -119,5 +120,7 @@ async def delete_backup(request: Request) -> Response:
 
 async def restore_backup(request: Request) -> Response:
     await require_superuser(request)
-    await get_app(request).backups.start_restore(request.path_params["key"])
+    # ours: an optional body asks for a partial restore or a dry run (no body: the full restore).
+    body = await read_json(request)
+    await get_app(request).backups.start_restore(request.path_params["key"], parse_restore_request(body))
     return no_content()

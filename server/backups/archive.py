@@ -355,7 +355,7 @@ def tier(manifest: dict[str, Any] | None, full_check: bool = False) -> str:
 
 def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
             cancel: threading.Event | None = None, on_total: Progress = lambda n: None,
-            full_check: bool = False) -> dict[str, Any] | None:
+            full_check: bool = False, select: Callable[[str], bool] | None = None) -> dict[str, Any] | None:
     """Extract a backup into the empty directory ``target`` and verify it.
 
     Verification: the structure (``plan_archive``), the actual size of every entry against its
@@ -365,13 +365,19 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
     ``full_check``. Raises ``ArchiveError`` with the reason; the caller removes ``target`` then.
     Returns the manifest (``None`` for an archive without one): ``tier(manifest, full_check)``
     names the check that ran. ``on_total`` learns the number of bytes to extract before
-    ``progress`` counts them.
+    ``progress`` counts them. ``select`` (a partial restore): only the entries whose path it
+    accepts are extracted and verified; the structure and the manifest's list are checked for
+    the whole archive.
     """
     cancel = cancel or threading.Event()
     target.mkdir(parents=True, exist_ok=False)
     os.chmod(target, 0o700)
     with open_zip(zip_path) as archive:
         plan = _checked_plan(archive)
+        names = {str(path) for _, path in plan.entries}
+        if select is not None:  # (partial restore)
+            plan.entries = [(info, path) for info, path in plan.entries if select(str(path))]
+            plan.total_size = sum(info.file_size for info, _ in plan.entries)
         on_total(plan.total_size)
         free = shutil.disk_usage(target).free
         if plan.total_size > free - DISK_MARGIN:
@@ -381,7 +387,6 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
         # never applied to bytes the manifest does not vouch for.
         quick = tier(plan.manifest, full_check) == QUICK_TIER
         if expected is not None:
-            names = {str(path) for _, path in plan.entries}
             missing = sorted(set(expected) - names)
             if missing:
                 raise ArchiveError(f"the archive lacks {missing[0]!r}, listed in its manifest")

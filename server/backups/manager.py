@@ -38,11 +38,12 @@ from ..tools.security import random_string
 from ..tools.threads import background_pool
 from ..tools.times import format_datetime
 from ..values import error
-from . import archive, restore
+from . import archive, partial, restore
 from .lock import ProcessLock
 from .restore import Outcome
 
 if TYPE_CHECKING:
+    from ..collections import CollectionStore
     from ..storage.s3 import S3Storage
 
 logger = logging.getLogger("server.backups")
@@ -126,13 +127,20 @@ class Job:
     bytes_done: int = 0
     bytes_total: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
+    # A restore with a body (partial, or a dry run), and the summary it leaves (issue 14).
+    request: partial.RestoreRequest | None = None
+    summary: dict[str, Any] | None = None
+    verified: str | None = None  # a restore's verification tier, once it passed (``archive.tier``)
 
     def advance(self, count: int) -> None:
         self.bytes_done += count  # from a worker thread; a plain int update is safe enough here
 
     def to_json(self) -> dict[str, Any]:
-        return {"op": self.op, "key": self.key, "startedAt": format_datetime(self.started_at),
-                "bytesDone": self.bytes_done, "bytesTotal": self.bytes_total}
+        out = {"op": self.op, "key": self.key, "startedAt": format_datetime(self.started_at),
+               "bytesDone": self.bytes_done, "bytesTotal": self.bytes_total}
+        if self.request is not None:
+            out.update(self.request.describe())
+        return out
 
 
 @dataclass
@@ -161,6 +169,8 @@ class BackupManager:
         self.lock = ProcessLock(datadir.root)  # one job at a time across processes (server and CLI)
         # Set by the server: called with a verified restore, it stops serving, swaps, re-execs.
         self.on_restore_ready: Callable[[RestoreReady], Awaitable[None]] | None = None
+        # Set by the App: a partial restore rewrites collections and reloads their definitions.
+        self.collections: CollectionStore | None = None
 
     # --- storage ---------------------------------------------------------------------------
 
@@ -223,6 +233,11 @@ class BackupManager:
                      "error": None if error is None else describe_error(error),
                      "startedAt": format_datetime(job.started_at),
                      "finishedAt": format_datetime(datetime.now(timezone.utc))}
+        if job.request is not None:  # a partial restore or a dry run: what it did, or would do
+            self.last.update(job.request.describe())
+            self.last["summary"] = job.summary
+        if job.verified is not None:
+            self.last["verified"] = job.verified
 
     def _release(self, job: Job, error: BaseException | None) -> None:
         self._record(job, error)
@@ -413,12 +428,19 @@ class BackupManager:
                 databases = [_database_source("data.db", self.db, data_db),
                              _database_source("auxiliary.db", self.aux_db, aux_db)]
                 job.bytes_total = sum(await asyncio.to_thread(_sizes, databases + files))
-                for source in databases:
-                    await _in_background(zipper.add, source)
+                # Per collection, its records and files at backup time (for the catalog, issue 14),
+                # counted on a thread of its own while the databases are written.
+                counting = asyncio.ensure_future(_in_background(partial.collection_counts, data_db,
+                                                                [f.arcname for f in files]))
+                try:
+                    for source in databases:
+                        await _in_background(zipper.add, source)
+                finally:
+                    counts = await counting
             # The databases are in; the snapshots are released so the WAL can be checkpointed again.
             for source in files:
                 await _in_background(zipper.add, source, True)
-            await _in_background(zipper.finish, {"app": self.settings.app_name})
+            await _in_background(zipper.finish, {"app": self.settings.app_name, "collections": counts})
             zipper = None
             await asyncio.to_thread(writer.commit)
         except BaseException:
@@ -530,16 +552,47 @@ class BackupManager:
 
     # --- restore ---------------------------------------------------------------------------
 
-    async def start_restore(self, key: str) -> None:
-        """Check that ``key`` exists, take the lock and restore it in the background."""
+    async def start_restore(self, key: str, request: partial.RestoreRequest | None = None) -> None:
+        """Check that ``key`` exists, take the lock and restore it in the background.
+
+        ``request`` (a body): a partial restore (``server.backups.partial``, no re-exec) or a dry
+        run, which verifies and leaves a summary without changing anything."""
         if self.active is not None:
             raise Busy()
         if await self.stat(key) is None:
             raise BadRequest("Missing or invalid backup file.")
-        if self.on_restore_ready is None:
+        if request is None and self.on_restore_ready is None:
             raise BadRequest("A restore needs the running server; use the API.")
         job = self._acquire("restore", key)
-        self._spawn(job, self._restore(job))
+        if request is None:
+            self._spawn(job, self._restore(job))
+            return
+        job.request = request
+        if request.partial:
+            self._spawn(job, partial.run(self, job, request))
+        else:
+            self._spawn(job, self._restore_dry(job))
+
+    async def _restore_dry(self, job: Job) -> None:
+        """A full restore's dry run: fetched, extracted and verified as for a restore, then its
+        summary; nothing is swapped (issue 14)."""
+        storage = self.storage()
+        work = self.datadir.temp / f"restore_{random_string(10)}"
+
+        def set_total(total: int) -> None:
+            job.bytes_total, job.bytes_done = total, 0
+
+        try:
+            info = await storage.stat(job.key)
+            job.bytes_total = info.size if info is not None else 0
+            async with storage.local_copy(job.key, self.datadir.temp, job.advance) as zip_path:
+                manifest = await _in_background(archive.extract, zip_path, work / "data", job.advance, job.cancel,
+                                                set_total)
+            job.verified = archive.tier(manifest)
+            job.summary = await _in_background(partial.summarize_full, self.datadir.root, work / "data",
+                                                  work / "summary")
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _restore(self, job: Job) -> bool:
         storage = self.storage()

@@ -1,0 +1,1279 @@
+"""Partial restore: chosen collections of a backup, merged into or replacing the current ones,
+while the server keeps serving (CONTRACT.md, "Partial restore").
+
+The job, step by step (``run``):
+
+1. The backup's ``data.db`` is extracted into ``pb_data/.pb_partial_restore/`` with every check
+   of a full restore (``archive.extract``: safe entries, manifest SHA-256, database check); then
+   the files of the chosen collections (``storage/<collectionId>/...``), the same way.
+2. The chosen collections are resolved against the backup and the current data (``Target``).
+   A real run now refuses writes to them (``CollectionStore.restoring``, set with the writers
+   paused and checked inside every write transaction, so nothing that commits later is lost).
+3. The summary is counted (SQL over the live table and the backup's, ``ATTACH``ed read-only).
+4. Each collection is rebuilt beside the live one, in a shadow table of ``data.db``: ``replace``
+   copies the backup's table (its own DDL and indexes); ``merge`` copies the live table, then
+   upserts the backup's records (the backup wins). Every batch is a short transaction taken
+   with this process's writers paused (``Database.writes_paused``), so other collections keep
+   being written between batches. A dry run builds its merge in a scratch database instead
+   (conflicts are found the same way) and stops after the summary.
+5. The files: a journal (``journal.json``) lists every move; files new to a record move into
+   ``storage/`` now (unreferenced until the commit, removed again if it does not happen).
+6. One short transaction switches: the live table is renamed away, the shadow renamed in, the
+   definition written (``replace``), and a marker row (``_params``) says it committed.
+7. After the commit: replaced files are swapped in, removed ones deleted, the old table is
+   deleted in batches, then the journal and the marker go.
+
+A ``replace`` of collections bigger than the rest of the data (``_Restorer.choose_file_mode``)
+skips 4 and 6: the extracted data.db itself, reduced to their tables, gets the rest of the live
+data (copied with the writers paused) and the marker, and replaces data.db while every
+connection is closed (``Database.replace_file``): that rename is the commit. Copying a big
+table row by row would rewrite its random-order id index batch after batch.
+
+A crash at any point is settled at the next start (``recover``), before anything is served:
+with the marker the file moves are completed; without it the moved files are taken back.
+Either way, left-over shadow and old tables are dropped. So a collection is either wholly
+restored or exactly as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import filecmp
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import faults
+from .. import fields as F
+from .. import values as V
+from ..errors import BadRequest, ValidationError, field_error
+from ..tools.fsync import fsync_dir
+from ..tools.security import random_string
+from ..tools.times import format_datetime, now
+from . import archive
+
+if TYPE_CHECKING:
+    from ..collections import CollectionStore
+    from ..database import Database
+    from .manager import BackupManager, Job
+
+logger = logging.getLogger("server.backups")
+
+MODES = ("merge", "replace")
+RESTORABLE_SYSTEM = frozenset({"_superusers", "users"})  # the only system collections one may name
+WORK_DIR = ".pb_partial_restore"
+MARKER = "__pbPartialRestore__"  # the _params row written by the switching transaction
+TABLE_PREFIX = "_pb_partial_"  # shadow and old tables; any left at start are dropped
+BATCH_SECONDS = 0.025  # the write lock is held about this long per batch (writers wait at most that)
+MAX_CONFLICTS = 10  # ids named in a refusal
+# A replace may instead build a whole new data.db from the extracted one (the restored tables as
+# they are) plus the rest of the live data, copied while writers wait, then swap the file: no
+# row of a big collection is copied. Used while the rest is at most this many rows, and smaller
+# than what is restored.
+FILE_SWAP_MAX_ROWS = 50_000
+_NAME_RE = re.compile(r"^\w+$")
+_IDENT = r'(?:`[^`]+`|"(?:[^"]|"")+"|\[[^\]]+\]|[\w$]+)'
+_TABLE_RE = re.compile(rf"^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{_IDENT}", re.I)
+_INDEX_RE = re.compile(rf"^\s*CREATE\s+(UNIQUE\s+)?INDEX\s+(?:IF\s+NOT\s+EXISTS\s+)?{_IDENT}\s+ON\s+{_IDENT}", re.I)
+_RENAMED_INDEX_RE = re.compile(r"_pr[a-z0-9]{6}$")
+_CONSTRAINT_RE = re.compile(r"(UNIQUE|NOT NULL|CHECK) constraint failed: ([^\s,]+)")
+
+
+class RestoreRefused(BadRequest):
+    """The backup's content does not allow the restore asked for; nothing was changed."""
+
+
+# --- the request ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """What a restore request's body asks for. ``collections`` None: a full restore."""
+
+    collections: tuple[str, ...] | None = None
+    mode: str = "merge"
+    dry_run: bool = False
+
+    @property
+    def partial(self) -> bool:
+        return self.collections is not None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dryRun": self.dry_run}
+        if self.collections is not None:
+            out.update(collections=list(self.collections), mode=self.mode)
+        return out
+
+
+def parse_request(body: dict[str, Any]) -> RestoreRequest | None:
+    """The restore asked for by a JSON body; ``None`` for the plain full restore (no body, ``{}``).
+
+    Raises ``ValidationError`` (400, the contract's shape) for a malformed body."""
+    errors: dict[str, Any] = {}
+    names: tuple[str, ...] | None = None
+    raw = body.get("collections")
+    if raw is not None:
+        if not isinstance(raw, list) or not all(isinstance(name, str) for name in raw):
+            errors["collections"] = field_error("validation_invalid_value", "Must be a list of collection names.")
+        elif not raw:
+            errors["collections"] = field_error("validation_required", "Name at least one collection.")
+        else:
+            bad = next((n for n in raw if not _NAME_RE.fullmatch(n) or len(n) > 255), None)
+            system = next((n for n in raw if n.startswith("_") and n.lower() != "_superusers"), None)
+            if bad is not None:
+                errors["collections"] = field_error("validation_match_invalid", f"Invalid collection name {bad[:80]!r}.")
+            elif system is not None:
+                errors["collections"] = field_error(
+                    "validation_system_collection",
+                    f"The system collection {system!r} cannot be restored alone (only _superusers and users can).")
+            else:
+                seen: dict[str, str] = {}
+                for name in raw:
+                    seen.setdefault(name.lower(), name)
+                names = tuple(seen.values())
+    mode = body.get("mode")
+    if mode is not None and (not isinstance(mode, str) or mode not in MODES):
+        errors["mode"] = field_error("validation_in_invalid", "Must be one of: merge, replace.")
+    elif mode == "merge" and raw is None:
+        errors["mode"] = field_error("validation_in_invalid",
+                                     "A full restore replaces everything; merge needs the collections to merge.")
+    dry_run = body.get("dryRun", False)
+    if dry_run is None:
+        dry_run = False
+    if not isinstance(dry_run, bool):
+        errors["dryRun"] = field_error("validation_invalid_value", "Must be a boolean.")
+    if errors:
+        raise ValidationError(errors)
+    if names is None and not dry_run:
+        return None
+    return RestoreRequest(names, mode or "merge", bool(dry_run))
+
+
+# --- planning ------------------------------------------------------------------------------
+
+
+def _empty_summary() -> dict[str, Any]:
+    return {"inserted": 0, "updated": 0, "deleted": 0, "unchanged": 0,
+            "files": {"added": 0, "replaced": 0, "removed": 0}}
+
+
+@dataclass
+class Target:
+    """One collection of the request: its backup and current definitions (``_collections`` rows)
+    and what happens to it: ``merge``, ``replace``, ``create`` (not in the current data),
+    ``delete`` (replace of a collection the backup lacks) or ``keep`` (merge of one it lacks)."""
+
+    asked: str
+    backup: dict[str, Any] | None
+    current: dict[str, Any] | None
+    action: str
+    shadow: str = ""
+    old: str = ""
+    summary: dict[str, Any] = field(default_factory=_empty_summary)
+    # File work: (stage path, final path, "added"|"replaced"), files and directories to remove.
+    moves: list[tuple[str, str, str]] = field(default_factory=list)
+    removes: list[str] = field(default_factory=list)
+    remove_dirs: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The collection's name once restored."""
+        source = self.backup if self.action in ("replace", "create") else self.current
+        assert source is not None or self.action in ("delete", "keep")
+        return (source or self.current or self.backup or {}).get("name", self.asked)
+
+    @property
+    def builds(self) -> bool:
+        return self.action in ("merge", "replace", "create")
+
+
+def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    uri = f"file:{urllib.parse.quote(str(path))}" + ("?mode=ro" if readonly else "")
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    # As the server's own connections: in WAL mode a commit is durable at the next checkpoint
+    # (no fsync per batch); the switch is made durable explicitly (``_Restorer.switch``).
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA cache_size = -16384")
+    return conn
+
+
+def _rows(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    return [dict(row) for row in conn.execute(sql, params).fetchall()]
+
+
+def _columns(conn: sqlite3.Connection, schema: str, table: str) -> list[str]:
+    return [row["name"] for row in conn.execute(f"PRAGMA {schema}.table_info({F.quote(table)})").fetchall()]
+
+
+def _rewrite_table(sql: str, schema: str, new_name: str) -> str:
+    match = _TABLE_RE.match(sql)
+    if match is None:
+        raise RestoreRefused("a table of the backup has a definition this server cannot read")
+    return f"CREATE TABLE {schema}.{F.quote(new_name)}" + sql[match.end():]
+
+
+def _rewrite_index(sql: str, schema: str, index: str, table: str) -> str:
+    match = _INDEX_RE.match(sql)
+    if match is None:
+        raise RestoreRefused("an index of the backup has a definition this server cannot read")
+    unique = "UNIQUE " if match.group(1) else ""
+    return f"CREATE {unique}INDEX {schema}.{F.quote(index)} ON {F.quote(table)}" + sql[match.end():]
+
+
+def _projection(field_def: dict[str, Any] | None, column: str) -> str:
+    """The backup's value of ``column`` as the current field stores it: a field whose ``maxSelect``
+    changed since is converted as a schema change converts it (``CollectionStore._migrate``)."""
+    quoted = "b." + F.quote(column)
+    if field_def is None or field_def["type"] not in ("select", "file"):
+        return quoted
+    if F.is_multiple(field_def):
+        return (f"CASE WHEN json_valid({quoted}) AND json_type({quoted}) = 'array' THEN {quoted} "
+                f"WHEN {quoted} IS NULL OR {quoted} = '' THEN '[]' ELSE json_array({quoted}) END")
+    return (f"CASE WHEN json_valid({quoted}) AND json_type({quoted}) = 'array' "
+            f"THEN COALESCE(json_extract({quoted}, '$[#-1]'), '') ELSE {quoted} END")
+
+
+def _type_problem(field_def: dict[str, Any], raw: Any) -> str | None:
+    """Why a stored value cannot be a value of ``field_def`` (its type), or None."""
+    kind = field_def["type"]
+    if kind == "number":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or (isinstance(raw, float) and not math.isfinite(raw)):
+            return "Must be a number."
+    elif kind == "bool":
+        if raw not in (0, 1):
+            return "Must be a boolean."
+    elif kind == "json":
+        if raw is not None and not isinstance(raw, (int, float)):
+            try:
+                json.loads(raw)
+            except (TypeError, ValueError):
+                return "Must be valid JSON."
+    elif F.is_multiple(field_def):
+        try:
+            value = json.loads(raw) if isinstance(raw, str) else None
+        except ValueError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return "Must be a list of strings."
+    elif not isinstance(raw, str):
+        return "Must be a string."
+    return None
+
+
+def _constraint_reason(exc: sqlite3.IntegrityError) -> str:
+    match = _CONSTRAINT_RE.search(str(exc))
+    if match is None:
+        return "refused by the database"
+    column = match.group(2).rsplit(".", 1)[-1]
+    kind = match.group(1)
+    return f"{column}: " + {"UNIQUE": "Value must be unique.", "NOT NULL": "Cannot be blank."}.get(kind, "Invalid value.")
+
+
+def _files_under(root: Path) -> dict[str, Path]:
+    """The regular files under ``root`` by their path relative to it (links are not followed)."""
+    found: dict[str, Path] = {}
+    if not root.is_dir() or root.is_symlink():
+        return found
+    for directory, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            path = Path(directory) / name
+            if path.is_file() and not path.is_symlink():
+                found[path.relative_to(root).as_posix()] = path
+    return found
+
+
+def _subdirs(root: Path) -> list[str]:
+    if not root.is_dir() or root.is_symlink():
+        return []
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False))
+
+
+class _Restorer:
+    """The blocking work of one partial restore (or of a dry run's summary), on a connection of
+    its own to ``data.db`` with the backup's ``data.db`` attached as ``bk``. Every method runs in
+    a worker thread; ``run`` (on the event loop) orders them and pauses this process's writers
+    around each short write."""
+
+    def __init__(self, root: Path, backup_db: Path, stage: Path, work: Path, request: RestoreRequest,
+                 token: str) -> None:
+        self.root = root
+        self.storage = root / "storage"
+        self.stage = stage  # holds the backup's storage/<collectionId>/...
+        self.work = work
+        self.request = request
+        self.token = token
+        self.dry_run = request.dry_run
+        self.targets: list[Target] = []
+        self.committed = False
+        self.file_mode = False  # the whole data.db is swapped (see ``choose_file_mode``)
+        self._counted = False
+        self.backup_db = backup_db
+        self._new: sqlite3.Connection | None = None
+        self.conn = _connect(root / "data.db")
+        self.conn.execute("ATTACH DATABASE ? AS bk", (f"file:{urllib.parse.quote(str(backup_db))}?mode=ro",))
+        # A dry run's merges are built in a scratch database: data.db is not written at all.
+        self.schema = "main"
+        if self.dry_run:
+            self.conn.execute("ATTACH DATABASE ? AS scratch", (str(work / "scratch.db"),))
+            self.conn.execute("PRAGMA scratch.journal_mode = OFF")
+            self.conn.execute("PRAGMA scratch.synchronous = OFF")
+            self.schema = "scratch"
+
+    def close(self) -> None:
+        for conn in (self.conn, self._new):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    # --- replacing by swapping data.db ---------------------------------------------------
+
+    def choose_file_mode(self) -> bool:
+        """Whether to swap the whole data.db: a real replace whose restored collections hold more
+        rows than the rest of the live data, itself small (and plain: tables and indexes only)."""
+        if self.dry_run or not self.targets or any(t.action not in ("replace", "create", "delete")
+                                                   for t in self.targets):
+            return False
+        skip = {t.current["name"].lower() for t in self.targets if t.current is not None}
+        rest = 0
+        for row in self.conn.execute("SELECT type, name, sql FROM main.sqlite_master").fetchall():
+            if row["type"] in ("view", "trigger") or row["name"].lower() == "sqlite_sequence":
+                return False
+            if row["type"] != "table" or row["name"].lower() in skip or row["name"].startswith("sqlite_"):
+                continue
+            if "WITHOUT ROWID" in (row["sql"] or "").upper():
+                return False
+            cap = FILE_SWAP_MAX_ROWS + 1 - rest
+            rest += self._count(f"SELECT count(*) FROM (SELECT 1 FROM main.{F.quote(row['name'])} LIMIT {cap})")
+            if rest > FILE_SWAP_MAX_ROWS:
+                return False
+        restored = sum(self._count(f"SELECT count(*) FROM bk.{F.quote(t.backup['name'])}")
+                       for t in self.targets if t.backup is not None and t.action in ("replace", "create"))
+        self.file_mode = restored > rest
+        return self.file_mode
+
+    def build_file(self) -> None:
+        """The extracted data.db, reduced to the restored collections' tables (no lock taken)."""
+        self.conn.close()  # (attached to the extracted file; reopened after the swap)
+        keep = {t.backup["name"].lower() for t in self.targets if t.backup is not None
+                and t.action in ("replace", "create")}
+        new = sqlite3.connect(self.backup_db, isolation_level=None, check_same_thread=False)
+        new.row_factory = sqlite3.Row
+        self._new = new
+        new.execute("PRAGMA journal_mode = DELETE")
+        new.execute("PRAGMA synchronous = OFF")  # fsynced once complete
+        for kind, name in new.execute("SELECT type, name FROM sqlite_master WHERE type IN ('view', 'trigger')"):
+            new.execute(f"DROP {kind.upper()} IF EXISTS {F.quote(name)}")
+        for (name,) in new.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' "
+                                   "ESCAPE '\\'").fetchall():
+            if name.lower() not in keep:
+                new.execute(f"DROP TABLE {F.quote(name)}")
+        _fsync(self.backup_db)  # now: the fsync after the copy of the rest (writers waiting) has little left
+
+    def copy_live(self) -> None:
+        """The rest of the live data into the new file, the definitions and the commit marker
+        (this process's writers paused: the copy is the live data at this instant)."""
+        new = self._new
+        assert new is not None
+        live_db = self.root / "data.db"
+        new.execute("ATTACH DATABASE ? AS live", (f"file:{urllib.parse.quote(str(live_db))}?mode=ro",))
+        skip = {t.current["name"].lower() for t in self.targets if t.current is not None}
+        new.execute("BEGIN")
+        try:
+            rows = new.execute("SELECT type, name, tbl_name, sql FROM live.sqlite_master "
+                               "WHERE sql IS NOT NULL ORDER BY type = 'index', rowid").fetchall()
+            for kind, name, table, sql in rows:
+                if table.lower() in skip or name.startswith("sqlite_"):
+                    continue
+                if kind == "table":
+                    new.execute(_rewrite_table(sql, "main", name))
+                    columns = ", ".join(F.quote(c) for c in _columns(new, "live", name))
+                    new.execute(f"INSERT INTO main.{F.quote(name)} (rowid, {columns}) "
+                                f"SELECT rowid, {columns} FROM live.{F.quote(name)}")
+                elif kind == "index":
+                    new.execute(sql)
+            columns = [row[1] for row in new.execute("PRAGMA main.table_info(_collections)")]
+            for target in self.targets:
+                if target.current is not None:
+                    new.execute("DELETE FROM main._collections WHERE id = ?", (target.current["id"],))
+                if target.action in ("replace", "create"):
+                    assert target.backup is not None
+                    present = [c for c in columns if c in target.backup]
+                    new.execute(f"INSERT INTO main._collections ({', '.join(F.quote(c) for c in present)}) "
+                                f"VALUES ({', '.join('?' for _ in present)})", [target.backup[c] for c in present])
+            new.execute("INSERT OR REPLACE INTO main._params (id, value, created, updated) VALUES (?, ?, ?, ?)",
+                        (MARKER, json.dumps({"token": self.token}), now(), now()))
+            new.execute("COMMIT")
+        except BaseException:
+            new.execute("ROLLBACK")
+            raise
+        finally:
+            new.execute("DETACH DATABASE live")
+        new.close()
+        self._new = None
+        _fsync(self.backup_db)
+
+    def swap_file(self) -> None:
+        """Put the new file in place of data.db (every connection to it closed): the commit."""
+        live_db = self.root / "data.db"
+        wal = live_db.with_name("data.db-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise RestoreRefused("Another process has data.db open; nothing was changed.")
+        faults.point("partial-before-commit")
+        for leftover in (wal, live_db.with_name("data.db-shm")):
+            leftover.unlink(missing_ok=True)
+        os.replace(self.backup_db, live_db)
+        fsync_dir(self.root)
+        self.committed = True
+
+    def reconnect(self) -> None:
+        self.conn = _connect(self.root / "data.db")
+
+    # --- resolving ---------------------------------------------------------------------
+
+    def resolve(self) -> list[Target]:
+        try:
+            backup = _rows(self.conn, "SELECT * FROM bk._collections")
+        except sqlite3.DatabaseError as exc:
+            raise RestoreRefused("the backup's data.db has no readable collections") from exc
+        current = _rows(self.conn, "SELECT * FROM main._collections")
+        by_name_bk = {row["name"].lower(): row for row in backup}
+        by_name_cur = {row["name"].lower(): row for row in current}
+        by_id_cur = {row["id"]: row for row in current}
+        names = self.request.collections
+        if names is None:  # the summary of a full restore: every collection, replaced
+            names = tuple(dict.fromkeys([row["name"] for row in backup] + [row["name"] for row in current]))
+        targets = []
+        for asked in names:
+            bk = by_name_bk.get(asked.lower())
+            cur = by_name_cur.get(asked.lower())
+            if bk is None and cur is None:
+                raise RestoreRefused(f"The collection {asked!r} is in neither the backup nor the current data; "
+                                     "nothing was changed.")
+            if self.request.partial:
+                for row in (bk, cur):
+                    if row is not None and row["system"] and row["name"].lower() not in RESTORABLE_SYSTEM:
+                        raise RestoreRefused(f"The system collection {row['name']!r} cannot be restored alone.")
+            mode = self.request.mode if self.request.partial else "replace"
+            if cur is None:
+                action = "create"
+            elif bk is None:
+                action = "delete" if mode == "replace" else "keep"
+            else:
+                action = mode
+            if action in ("replace", "create") and bk is not None:
+                other = by_id_cur.get(bk["id"])
+                if other is not None and (cur is None or other["id"] != cur["id"]):
+                    raise RestoreRefused(
+                        f"The backup's collection {bk['name']!r} has the id of the current collection "
+                        f"{other['name']!r}; restore that one too, or rename it back first. Nothing was changed.")
+            if action in ("merge", "replace") and bk is not None and cur is not None and bk["type"] != cur["type"] \
+                    and action == "merge":
+                raise RestoreRefused(f"The collection {asked!r} is of type {cur['type']} now and was {bk['type']} "
+                                     "in the backup: use mode replace. Nothing was changed.")
+            target = Target(asked, bk, cur, action)
+            suffix = f"{self.token}_{len(targets)}"
+            target.shadow = f"{TABLE_PREFIX}new_{suffix}"
+            target.old = f"{TABLE_PREFIX}old_{suffix}"
+            targets.append(target)
+        if self.request.partial:
+            for target in targets:
+                for row in (target.backup, target.current):
+                    if row is not None and self._table_sql("bk" if row is target.backup else "main", row["name"]) is None:
+                        raise RestoreRefused(f"The table of the collection {row['name']!r} is missing; nothing was changed.")
+        self.targets = targets
+        return targets
+
+    def _table_sql(self, schema: str, table: str) -> str | None:
+        row = self.conn.execute(f"SELECT sql FROM {schema}.sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE",
+                                (table,)).fetchone()
+        return None if row is None else row["sql"]
+
+    def storage_prefixes(self) -> list[str]:
+        """The archive paths holding the files of the collections to restore."""
+        return [f"storage/{t.backup['id']}/" for t in self.targets if t.backup is not None and t.action != "keep"]
+
+    # --- the summary -------------------------------------------------------------------
+
+    def count_records(self) -> None:
+        for target in self.targets:
+            self._count_records(target)
+        self._counted = True
+
+    def summarize(self) -> dict[str, Any]:
+        """Count what the restore changes (records and files) and plan the file work."""
+        if not self._counted:
+            self.count_records()
+        out: dict[str, Any] = {}
+        for target in self.targets:
+            self._plan_files(target)
+            summary = dict(target.summary)
+            summary["action"] = target.action
+            out[target.name] = summary
+        return {"dryRun": self.dry_run, "collections": out}
+
+    def _count(self, sql: str) -> int:
+        return int(self.conn.execute(sql).fetchone()[0] or 0)
+
+    def _count_records(self, target: Target) -> None:
+        s = target.summary
+        bk, cur = target.backup, target.current
+        if target.action == "keep":
+            return
+        if target.action == "create":
+            assert bk is not None
+            s["inserted"] = self._count(f"SELECT count(*) FROM bk.{F.quote(bk['name'])}")
+            return
+        assert cur is not None
+        live = f"main.{F.quote(cur['name'])}"
+        n_live = self._count(f"SELECT count(*) FROM {live}")
+        if target.action == "delete":
+            s["deleted"] = n_live
+            return
+        assert bk is not None
+        theirs = f"bk.{F.quote(bk['name'])}"
+        bk_columns = _columns(self.conn, "bk", bk["name"])
+        live_columns = _columns(self.conn, "main", cur["name"])
+        fields = {f["name"]: f for f in json.loads(cur["fields"])}
+        # A shared record is unchanged when the fields both tables have hold the same values.
+        common = [c for c in bk_columns if c in live_columns]
+        if target.action == "merge":
+            pairs = [(_projection(fields.get(c), c), "l." + F.quote(c)) for c in common]
+        else:
+            pairs = [("b." + F.quote(c), "l." + F.quote(c)) for c in common]
+        equal = " AND ".join(f"({a}) IS {b}" for a, b in pairs) if pairs else "0"
+        # Records mostly keep their rowid (a restore keeps it too): those are paired by rowid, in
+        # one walk of both tables in order; only the others are looked up by id.
+        row = self.conn.execute(
+            f"SELECT count(*), coalesce(sum(l.id IS b.id), 0), "
+            f"coalesce(sum(CASE WHEN l.id IS b.id AND {equal} THEN 1 ELSE 0 END), 0) "
+            f"FROM {theirs} AS b LEFT JOIN {live} AS l ON l.rowid = b.rowid").fetchone()
+        n_bk, paired, paired_same = int(row[0]), int(row[1]), int(row[2])
+        by_id = (0, 0)
+        if paired < n_bk:
+            by_id = self.conn.execute(
+                f"SELECT count(*), coalesce(sum(CASE WHEN {equal} THEN 1 ELSE 0 END), 0) "
+                f"FROM {theirs} AS b JOIN {live} AS l ON l.id = b.id "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {live} AS x WHERE x.rowid = b.rowid AND x.id = b.id)").fetchone()
+        shared, same = paired + int(by_id[0]), paired_same + int(by_id[1])
+        s.update(inserted=n_bk - shared, updated=shared - same, unchanged=same,
+                 deleted=n_live - shared if target.action == "replace" else 0)
+
+    def _plan_files(self, target: Target) -> None:
+        files = target.summary["files"]
+        bk, cur = target.backup, target.current
+        src = self.stage / "storage" / bk["id"] if bk is not None else None
+        if target.action == "keep":
+            return
+        if target.action == "delete":
+            dest_id = None
+        elif target.action in ("replace", "create"):
+            dest_id = bk["id"] if bk is not None else None
+        else:
+            dest_id = cur["id"] if cur is not None else None
+        dest = self.storage / dest_id if dest_id else None
+        if cur is not None and (dest is None or cur["id"] != dest_id):
+            # The current collection's files all go (deleted, or replaced by one of another id).
+            doomed = _files_under(self.storage / cur["id"])
+            files["removed"] += len(doomed)
+            if doomed or (self.storage / cur["id"]).is_dir():
+                target.remove_dirs.append(str(self.storage / cur["id"]))
+        if dest is None or src is None:
+            return
+        backup_records = set(_subdirs(src))
+        for record in sorted(backup_records):
+            theirs = _files_under(src / record)
+            ours = _files_under(dest / record)
+            for rel, path in theirs.items():
+                final = dest / record / rel
+                if rel not in ours:
+                    files["added"] += 1
+                    target.moves.append((str(path), str(final), "added"))
+                elif not filecmp.cmp(path, ours[rel], shallow=False):
+                    files["replaced"] += 1
+                    target.moves.append((str(path), str(final), "replaced"))
+            for rel, path in ours.items():
+                if rel not in theirs:
+                    files["removed"] += 1
+                    target.removes.append(str(path))
+        theirs_table = f"bk.{F.quote(bk['name'])}"
+        for record in _subdirs(dest):
+            if record in backup_records:
+                continue
+            if target.action == "merge":
+                # A record the backup holds without files loses its current ones; one created since
+                # the backup keeps them.
+                if self.conn.execute(f"SELECT 1 FROM {theirs_table} WHERE id = ?", (record,)).fetchone() is None:
+                    continue
+            doomed = _files_under(dest / record)
+            files["removed"] += len(doomed)
+            target.removes.extend(str(path) for path in doomed.values())
+
+    # --- validating a merge --------------------------------------------------------------
+
+    def validate_merge(self, target: Target, cancelled: Callable[[], bool]) -> None:
+        """Refuse a merge whose backup values the current definition refuses (required, type and
+        the field's options), naming the records."""
+        bk, cur = target.backup, target.current
+        assert bk is not None and cur is not None
+        fields = [f for f in json.loads(cur["fields"]) if f["type"] != "autodate"]
+        bk_columns = set(_columns(self.conn, "bk", bk["name"]))
+        present = [f for f in fields if f["name"] in bk_columns]
+        missing_required = [f for f in fields if f["name"] not in bk_columns and f.get("required")]
+        projection = ", ".join(_projection(f, f["name"]) for f in present) or "NULL"
+        cursor = self.conn.execute(
+            f"SELECT b.id AS __id, l.id IS NOT NULL AS __present, {projection} "
+            f"FROM bk.{F.quote(bk['name'])} AS b LEFT JOIN main.{F.quote(cur['name'])} AS l ON l.id = b.id")
+        problems: list[str] = []
+        count = 0
+        while True:
+            rows = cursor.fetchmany(2000)
+            if not rows:
+                break
+            if cancelled():
+                raise archive.Cancelled()
+            for row in rows:
+                problem = None
+                for index, field_def in enumerate(present):
+                    raw = row[index + 2]
+                    if field_def["type"] == "password":
+                        problem = "password: Cannot be blank." if not raw else None
+                    else:
+                        reason = _type_problem(field_def, raw)
+                        if reason is None:
+                            error = V.validate(field_def, V.decode(field_def, raw))
+                            reason = error["message"] if error else None
+                        problem = f"{field_def['name']}: {reason}" if reason else None
+                    if problem:
+                        break
+                if problem is None and not row[1] and missing_required:
+                    problem = f"{missing_required[0]['name']}: Cannot be blank."
+                if problem:
+                    count += 1
+                    if len(problems) < MAX_CONFLICTS:
+                        problems.append(f"{row[0]} ({problem})")
+        if count:
+            more = f" and {count - len(problems)} more" if count > len(problems) else ""
+            raise RestoreRefused(
+                f"{count} record(s) of the backup do not fit the current definition of {cur['name']!r}: "
+                f"{', '.join(problems)}{more}. Nothing was changed.")
+
+    # --- building the shadow tables ------------------------------------------------------
+
+    def create_shadow(self, target: Target) -> None:
+        """The shadow table with its indexes, empty (one short transaction)."""
+        source_schema, source = ("bk", target.backup) if target.action in ("replace", "create") else ("main", target.current)
+        assert source is not None
+        table_sql = self._table_sql(source_schema, source["name"])
+        assert table_sql is not None
+        schema = self.schema if target.action == "merge" else "main"
+        index_rows = _rows(self.conn, f"SELECT name, sql FROM {source_schema}.sqlite_master "
+                                      "WHERE type = 'index' AND tbl_name = ? COLLATE NOCASE AND sql IS NOT NULL",
+                           (source["name"],))
+        statements = [_rewrite_table(table_sql, schema, target.shadow)]
+        for row in index_rows:
+            statements.append(_rewrite_index(row["sql"], schema, self._index_name(schema, row["name"]), target.shadow))
+        self._write(lambda: [self.conn.execute(sql) for sql in statements], schema)
+
+    def _index_name(self, schema: str, name: str) -> str:
+        """The backup's index name where it is free, else one with a suffix (index names are
+        unique in a database, and the live table keeps its own until the switch)."""
+        base = _RENAMED_INDEX_RE.sub("", name)
+        taken = {row[0].lower() for row in self.conn.execute(f"SELECT name FROM {schema}.sqlite_master")}
+        if base.lower() not in taken:
+            return base
+        return f"{base}_pr{self.token[:6]}"
+
+    def _write(self, work: Callable[[], Any], schema: str = "main") -> Any:
+        self.conn.execute("BEGIN IMMEDIATE" if schema == "main" else "BEGIN")
+        try:
+            result = work()
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return result
+
+    def copy_batch(self, source: str, target_table: str, schema: str, columns: list[str], after: int,
+                   rows: int) -> int | None:
+        """Copy the next ``rows`` rows (by rowid, kept) of ``source`` after ``after`` into the
+        shadow; the last rowid copied, or None when there are none left."""
+        upper = self.conn.execute(f"SELECT rowid FROM {source} WHERE rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
+                                  (after, rows - 1)).fetchone()
+        names = ", ".join(F.quote(c) for c in columns)
+        bound = "" if upper is None else " AND rowid <= ?"
+        params: tuple[Any, ...] = (after,) if upper is None else (after, upper[0])
+        self._write(lambda: self.conn.execute(
+            f"INSERT INTO {schema}.{F.quote(target_table)} (rowid, {names}) SELECT rowid, {names} FROM {source} "
+            f"WHERE rowid > ?{bound}", params), schema)
+        return None if upper is None else int(upper[0])
+
+    def upsert_batch(self, target: Target, after: int, rows: int) -> int | None:
+        """Write the backup's records after rowid ``after`` into a merge's shadow (the backup wins)."""
+        bk, cur = target.backup, target.current
+        assert bk is not None and cur is not None
+        source = f"bk.{F.quote(bk['name'])}"
+        upper = self.conn.execute(f"SELECT rowid FROM {source} WHERE rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
+                                  (after, rows - 1)).fetchone()
+        fields = {f["name"]: f for f in json.loads(cur["fields"])}
+        live_columns = _columns(self.conn, "main", cur["name"])
+        common = [c for c in _columns(self.conn, "bk", bk["name"]) if c in live_columns]
+        names = ", ".join(F.quote(c) for c in common)
+        values = ", ".join(_projection(fields.get(c), c) for c in common)
+        updates = ", ".join(f"{F.quote(c)} = excluded.{F.quote(c)}" for c in common if c != "id")
+        conflict = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+        sql = (f"INSERT INTO {self.schema}.{F.quote(target.shadow)} ({names}) SELECT {values} FROM {source} AS b "
+               f"WHERE b.rowid > ?{'' if upper is None else ' AND b.rowid <= ?'} ORDER BY b.rowid "
+               f"ON CONFLICT(id) {conflict}")
+        params: tuple[Any, ...] = (after,) if upper is None else (after, upper[0])
+        try:
+            self._write(lambda: self.conn.execute(sql, params), self.schema)
+        except sqlite3.IntegrityError:
+            self._refuse_conflicts(target, sql.replace("b.rowid > ?", "b.rowid = ?").replace(" AND b.rowid <= ?", ""),
+                                   after, None if upper is None else int(upper[0]), source)
+        return None if upper is None else int(upper[0])
+
+    def _refuse_conflicts(self, target: Target, one_row_sql: str, after: int, upper: int | None, source: str) -> None:
+        """A batch broke a constraint (unique, not null): find its records, one by one, and refuse."""
+        bound = "" if upper is None else " AND rowid <= ?"
+        params: tuple[Any, ...] = (after,) if upper is None else (after, upper)
+        candidates = self.conn.execute(f"SELECT rowid, id FROM {source} WHERE rowid > ?{bound} ORDER BY rowid",
+                                       params).fetchall()
+        problems: list[str] = []
+        self.conn.execute("BEGIN")
+        try:
+            for rowid, record_id in candidates:
+                self.conn.execute("SAVEPOINT one")
+                try:
+                    self.conn.execute(one_row_sql, (rowid,))
+                except sqlite3.IntegrityError as exc:
+                    problems.append(f"{record_id} ({_constraint_reason(exc)})")
+                    self.conn.execute("ROLLBACK TO one")
+                self.conn.execute("RELEASE one")
+                if len(problems) >= MAX_CONFLICTS:
+                    break
+        finally:
+            self.conn.execute("ROLLBACK")
+        name = target.current["name"] if target.current else target.asked
+        listed = ", ".join(problems) or "(not found one by one)"
+        raise RestoreRefused(f"Records of the backup conflict with the current data of {name!r}: {listed}. "
+                             "Nothing was changed.")
+
+    def row_count(self, table: str) -> int:
+        return self._count(f"SELECT count(*) FROM {table}")
+
+    # --- the files, the switch, and what follows -----------------------------------------
+
+    def journal(self, key: str, started_at: str, phase: str) -> None:
+        data = {"phase": phase, "token": self.token, "key": key, "startedAt": started_at,
+                "moves": [m for t in self.targets for m in t.moves],
+                "removes": [r for t in self.targets for r in t.removes],
+                "removeDirs": [d for t in self.targets for d in t.remove_dirs]}
+        _write_json(self.work / "journal.json", data)
+
+    def stage_added(self) -> None:
+        """Move the files new to their records into place (unreferenced until the commit)."""
+        moved = 0
+        for stage, final, kind in (m for t in self.targets for m in t.moves):
+            if kind != "added" or os.path.lexists(final):
+                continue
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.rename(stage, final)
+            moved += 1
+            if moved == 1:
+                faults.point("partial-files-staging")
+        for directory in {os.path.dirname(m[1]) for t in self.targets for m in t.moves}:
+            with contextlib.suppress(OSError):
+                fsync_dir(Path(directory))
+
+    def switch(self) -> None:
+        """The one short transaction that puts the restored collections in place."""
+        bk_columns = {row["name"] for row in self.conn.execute("PRAGMA bk.table_info(_collections)")}
+        cur_columns = [row["name"] for row in self.conn.execute("PRAGMA main.table_info(_collections)")]
+        columns = [c for c in cur_columns if c in bk_columns]
+
+        def work() -> None:
+            self.conn.execute("INSERT OR REPLACE INTO main._params (id, value, created, updated) VALUES (?, ?, ?, ?)",
+                              (MARKER, json.dumps({"token": self.token}), now(), now()))
+            for target in self.targets:
+                if target.action == "keep":
+                    continue
+                if target.current is not None:
+                    self.conn.execute(f"ALTER TABLE main.{F.quote(target.current['name'])} RENAME TO {F.quote(target.old)}")
+                if target.builds:
+                    self.conn.execute(f"ALTER TABLE main.{F.quote(target.shadow)} RENAME TO {F.quote(target.name)}")
+                if target.action in ("replace", "create", "delete") and target.current is not None:
+                    self.conn.execute("DELETE FROM main._collections WHERE id = ?", (target.current["id"],))
+                if target.action in ("replace", "create"):
+                    assert target.backup is not None
+                    marks = ", ".join("?" for _ in columns)
+                    self.conn.execute(f"INSERT INTO main._collections ({', '.join(F.quote(c) for c in columns)}) "
+                                      f"VALUES ({marks})", [target.backup[c] for c in columns])
+            faults.point("partial-before-commit")
+
+        # The commit must be durable before any file is replaced or removed after it.
+        self.conn.execute("PRAGMA main.synchronous = FULL")
+        try:
+            self._write(work)
+        finally:
+            self.conn.execute("PRAGMA main.synchronous = NORMAL")
+        self.committed = True
+
+    def finish_files(self) -> None:
+        """After the commit: replaced files swapped in, removed ones deleted."""
+        apply_file_plan(self.work / "journal.json")
+
+    def forget(self) -> None:
+        """The restore is complete: its journal, then its marker, then its work directory go."""
+        (self.work / "journal.json").unlink(missing_ok=True)
+        fsync_dir(self.work)
+        self._write(lambda: self.conn.execute("DELETE FROM main._params WHERE id = ?", (MARKER,)))
+
+    def undo_staged(self) -> None:
+        undo_file_plan(self.work / "journal.json")
+
+    def leftover_tables(self) -> list[str]:
+        return [row[0] for row in self.conn.execute(
+            "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name LIKE ? ESCAPE '\\'",
+            (TABLE_PREFIX.replace("_", "\\_") + "%" + self.token + "%",))]
+
+    def delete_batch(self, table: str, rows: int) -> bool:
+        """Delete up to ``rows`` rows of a table being dropped; True once it is dropped."""
+        upper = self.conn.execute(f"SELECT rowid FROM main.{F.quote(table)} ORDER BY rowid LIMIT 1 OFFSET ?",
+                                  (rows - 1,)).fetchone()
+        if upper is None:
+            self._write(lambda: self.conn.execute(f"DROP TABLE IF EXISTS main.{F.quote(table)}"))
+            return True
+        self._write(lambda: self.conn.execute(f"DELETE FROM main.{F.quote(table)} WHERE rowid <= ?", (upper[0],)))
+        return False
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "w") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:
+        return {}  # cut short: written before anything moved (it is replaced atomically)
+
+
+def apply_file_plan(journal_path: Path) -> None:
+    """Complete a committed restore's file work (idempotent: a crash may have cut it short)."""
+    journal = _read_json(journal_path) or {}
+    for stage, final, _kind in journal.get("moves", []):
+        if os.path.lexists(stage):
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(stage, final)
+    for path in journal.get("removes", []):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    for directory in journal.get("removeDirs", []):
+        shutil.rmtree(directory, ignore_errors=True)
+    # Record directories left empty go too.
+    for path in journal.get("removes", []):
+        parent = Path(path).parent
+        while parent.name and parent.parent.name != "storage":
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+            parent = parent.parent
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
+def undo_file_plan(journal_path: Path) -> None:
+    """Take back the files an uncommitted restore moved into storage (those new to a record)."""
+    journal = _read_json(journal_path) or {}
+    for stage, final, kind in journal.get("moves", []):
+        if kind == "added" and not os.path.lexists(stage) and os.path.lexists(final):
+            os.unlink(final)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(final))
+
+
+# --- the job -------------------------------------------------------------------------------
+
+
+class _Batches:
+    """Batch sizes that keep each write transaction near ``BATCH_SECONDS``."""
+
+    def __init__(self, rows: int = 5000) -> None:
+        self.rows = rows
+
+    def measured(self, seconds: float) -> None:
+        if seconds <= 0:
+            self.rows = min(self.rows * 2, 200_000)
+            return
+        factor = max(0.5, min(2.0, BATCH_SECONDS / seconds))
+        self.rows = max(100, min(200_000, int(self.rows * factor)))
+
+
+async def _paused(db: Database, schema: str, work: Callable[[], Any]) -> Any:
+    """Run ``work`` in a thread; while it writes to data.db this process's writers wait."""
+    if schema != "main":
+        return await asyncio.to_thread(work)
+    async with db.writes_paused():
+        return await asyncio.to_thread(work)
+
+
+async def _copy_table(restorer: _Restorer, db: Database, source: str, target: str, schema: str, columns: list[str],
+                      job: Job) -> None:
+    batches = _Batches()
+    after = -(1 << 63)
+    first = True
+    while True:
+        if job.cancel.is_set():
+            raise archive.Cancelled()
+        await asyncio.to_thread(faults.gate, "partial-copy")  # (tests hold the job here, between batches)
+        started = time.monotonic()
+        rows = batches.rows
+        upper = await _paused(db, schema, lambda: restorer.copy_batch(source, target, schema, columns, after, rows))
+        batches.measured(time.monotonic() - started)
+        if first:
+            faults.point("partial-copying")
+            first = False
+        if upper is None:
+            return
+        after = upper
+        await asyncio.sleep(0)  # the writers waiting on the lock go first
+
+
+async def _upsert_table(restorer: _Restorer, db: Database, target: Target, job: Job) -> None:
+    batches = _Batches()
+    after = -(1 << 63)
+    while True:
+        if job.cancel.is_set():
+            raise archive.Cancelled()
+        started = time.monotonic()
+        rows = batches.rows
+        upper = await _paused(db, restorer.schema, lambda: restorer.upsert_batch(target, after, rows))
+        batches.measured(time.monotonic() - started)
+        if upper is None:
+            return
+        after = upper
+        await asyncio.sleep(0)
+
+
+async def _drop_tables(restorer: _Restorer, db: Database, tables: list[str]) -> None:
+    """Drop big tables in batches of short deletes (a DROP of a large table frees every page in
+    one transaction: seconds with the write lock held)."""
+    for table in tables:
+        batches = _Batches(5000)
+        while True:
+            started = time.monotonic()
+            rows = batches.rows
+            dropped = await _paused(db, "main", lambda: restorer.delete_batch(table, rows))
+            batches.measured(time.monotonic() - started)
+            if dropped:
+                break
+            await asyncio.sleep(0)
+
+
+async def _build(restorer: _Restorer, db: Database, job: Job) -> None:
+    for target in restorer.targets:
+        if not target.builds:
+            continue
+        if target.action == "merge" or not restorer.dry_run:
+            await _paused(db, restorer.schema if target.action == "merge" else "main",
+                          lambda: restorer.create_shadow(target))
+        if target.action in ("replace", "create"):
+            if restorer.dry_run:
+                continue  # the backup's own table: nothing to find by building it
+            assert target.backup is not None
+            columns = _columns(restorer.conn, "bk", target.backup["name"])
+            await _copy_table(restorer, db, f"bk.{F.quote(target.backup['name'])}", target.shadow, "main", columns, job)
+        else:
+            assert target.current is not None
+            await asyncio.to_thread(restorer.validate_merge, target, job.cancel.is_set)
+            columns = _columns(restorer.conn, "main", target.current["name"])
+            await _copy_table(restorer, db, f"main.{F.quote(target.current['name'])}", target.shadow, restorer.schema,
+                              columns, job)
+            await _upsert_table(restorer, db, target, job)
+
+
+async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None:
+    """The partial restore of ``job.key`` (or a dry run of it); ``job.summary`` gets the summary.
+
+    Raises with the reason (the manager records it) and then has changed nothing."""
+    store = manager.collections
+    assert store is not None, "a partial restore needs the collections (App sets them)"
+    root = manager.datadir.root
+    work = root / WORK_DIR
+    token = random_string(10, "abcdefghijklmnopqrstuvwxyz0123456789")
+    started_at = format_datetime(job.started_at)
+    await asyncio.to_thread(_fresh_dir, work)
+    if not request.dry_run:
+        await asyncio.to_thread(_write_json, work / "journal.json",
+                                {"phase": "started", "token": token, "key": job.key, "startedAt": started_at})
+    restorer: _Restorer | None = None
+    held: set[str] = set()
+    storage = manager.storage()
+    clock = _Clock()
+
+    def set_total(total: int) -> None:
+        job.bytes_total, job.bytes_done = total, 0
+
+    try:
+        info = await storage.stat(job.key)
+        job.bytes_total = info.size if info is not None else 0
+        async with storage.local_copy(job.key, manager.datadir.temp, job.advance) as zip_path:
+            faults.point("partial-fetched")
+            # One pass for data.db and the files of the collections of those names now (a backup
+            # mostly has the same ids); a second one for the files of any other id it turns out to
+            # have. Files land in work/db/storage/<collectionId>/...
+            guessed = tuple(f"storage/{found.id}/" for found in (store.find(name) for name in request.collections or ())
+                            if found is not None)
+            await asyncio.to_thread(archive.extract, zip_path, work / "db", job.advance, job.cancel, set_total,
+                                    False, lambda path: path == "data.db" or (bool(guessed) and path.startswith(guessed)))
+            restorer = await asyncio.to_thread(_Restorer, root, work / "db" / "data.db", work / "db", work,
+                                               request, token)
+            await asyncio.to_thread(restorer.resolve)
+            if not request.dry_run:
+                names = {t.name.lower() for t in restorer.targets} | {
+                    t.current["name"].lower() for t in restorer.targets if t.current is not None}
+                async with manager.db.writes_paused():  # no write to them commits from now on
+                    store.restoring |= names
+                    held = names
+            missing = tuple(p for p in restorer.storage_prefixes() if p not in guessed)
+            # The records are counted meanwhile.
+            counting = asyncio.ensure_future(asyncio.to_thread(restorer.count_records))
+            try:
+                if missing:
+                    await asyncio.to_thread(archive.extract, zip_path, work / "more", job.advance, job.cancel,
+                                            set_total, False, lambda path: path.startswith(missing))
+                    await asyncio.to_thread(_merge_dirs, work / "more" / "storage", work / "db" / "storage")
+            finally:
+                await asyncio.wait([counting])
+            counting.result()
+        clock.lap("fetched and verified")
+        faults.point("partial-verified")
+        job.summary = await asyncio.to_thread(restorer.summarize)
+        clock.lap("summary")
+        if not request.dry_run and await asyncio.to_thread(restorer.choose_file_mode):
+            await _swap_file(restorer, manager, job, held, clock)
+            held = set()
+            return
+        await _build(restorer, manager.db, job)
+        clock.lap("built")
+        if request.dry_run:
+            return
+        await asyncio.to_thread(restorer.journal, job.key, started_at, "staged")
+        await asyncio.to_thread(restorer.stage_added)
+        faults.point("partial-staged")
+        async with manager.db.writes_paused():
+            await asyncio.to_thread(restorer.switch)
+            faults.point("partial-committed")
+            await store.reload()
+            store.restoring -= held
+            held = set()
+        clock.lap("switched")
+        await asyncio.to_thread(restorer.finish_files)
+        faults.point("partial-files-done")
+        await _drop_tables(restorer, manager.db, [t.old for t in restorer.targets if t.current is not None
+                                                   and t.action != "keep"])
+        await asyncio.to_thread(restorer.forget)
+        clock.lap("old tables deleted")
+        logger.info("partial restore of %s (%s): %s", job.key, ", ".join(t.name for t in restorer.targets), clock)
+    except BaseException:
+        if restorer is not None and not restorer.committed:
+            await _abort(restorer, manager.db)
+        raise
+    finally:
+        store.restoring -= held
+        if restorer is not None:
+            await asyncio.to_thread(restorer.close)
+        if restorer is None or not restorer.committed or (work / "journal.json").exists() is False:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+
+
+async def _swap_file(restorer: _Restorer, manager: BackupManager, job: Job, held: set[str], clock: _Clock) -> None:
+    """The replace by a new data.db (``_Restorer.choose_file_mode``)."""
+    store = manager.collections
+    assert store is not None
+    await asyncio.to_thread(faults.gate, "partial-copy")  # (tests hold the job here)
+    await asyncio.to_thread(restorer.build_file)
+    await asyncio.to_thread(faults.gate, "partial-copy")
+    faults.point("partial-copying")
+    clock.lap("new data.db built")
+    await asyncio.to_thread(restorer.journal, job.key, format_datetime(job.started_at), "staged")
+    await asyncio.to_thread(restorer.stage_added)
+    faults.point("partial-staged")
+    async with manager.db.writes_paused():
+        await asyncio.to_thread(restorer.copy_live)
+        await manager.db.replace_file(restorer.swap_file)
+        faults.point("partial-committed")
+        await asyncio.to_thread(restorer.reconnect)
+        await store.reload()
+        store.restoring -= held
+    clock.lap("rest copied and switched")
+    await asyncio.to_thread(restorer.finish_files)
+    faults.point("partial-files-done")
+    await asyncio.to_thread(restorer.forget)
+    clock.lap("files")
+    logger.info("partial restore of %s (%s, data.db swapped): %s", job.key,
+                ", ".join(t.name for t in restorer.targets), clock)
+
+
+async def _abort(restorer: _Restorer, db: Database) -> None:
+    """Undo what an uncommitted restore did: the files moved in, the shadow tables."""
+    try:
+        await asyncio.to_thread(restorer.undo_staged)
+        await asyncio.to_thread((restorer.work / "journal.json").unlink, True)
+        if not restorer.dry_run and not restorer.file_mode:
+            tables = await asyncio.to_thread(restorer.leftover_tables)
+            await _drop_tables(restorer, db, tables)
+    except Exception:  # the next start finishes it (recover)
+        logger.exception("cleaning up after a failed partial restore")
+
+
+class _Clock:
+    """Where a job's time goes (for the log)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.laps: list[str] = []
+
+    def lap(self, what: str) -> None:
+        now_ = time.monotonic()
+        self.laps.append(f"{what} {now_ - self._last:.2f} s")
+        self._last = now_
+
+    def __str__(self) -> str:
+        return ", ".join(self.laps)
+
+
+def _merge_dirs(source: Path, target: Path) -> None:
+    """Move the entries of ``source`` (collection directories) into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        for entry in os.listdir(source):
+            if not (target / entry).exists():
+                os.rename(source / entry, target / entry)
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.chmod(path, 0o700)
+
+
+# --- the summary of a full restore's dry run ----------------------------------------------
+
+
+def summarize_full(root: Path, extracted: Path, work: Path) -> dict[str, Any]:
+    """What a full restore of the backup extracted in ``extracted`` would change, per collection."""
+    work.mkdir(parents=True, exist_ok=True)
+    restorer = _Restorer(root, extracted / "data.db", extracted, work, RestoreRequest(None, "replace", True), "dry")
+    try:
+        restorer.resolve()
+        return restorer.summarize()
+    finally:
+        restorer.close()
+
+
+# --- at start --------------------------------------------------------------------------------
+
+
+def recover(root: Path) -> dict[str, Any] | None:
+    """Settle what a crash left of a partial restore (blocking; before the databases are used
+    by anyone): complete a committed one's file work, take back an uncommitted one's, drop the
+    shadow and old tables. Returns the job's outcome (``key``, ``startedAt``, ``ok``, ``error``)
+    when a journal said which job it was."""
+    work = root / WORK_DIR
+    journal = _read_json(work / "journal.json")
+    db_path = root / "data.db"
+    if not db_path.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        return None
+    conn = _connect(db_path)
+    try:
+        try:
+            marker = conn.execute("SELECT value FROM _params WHERE id = ?", (MARKER,)).fetchone()
+        except sqlite3.OperationalError:
+            marker = None
+        token = json.loads(marker[0]).get("token") if marker is not None else None
+        outcome = None
+        if journal is not None:
+            committed = bool(token) and token == journal.get("token")
+            if committed:
+                logger.warning("completing the files of a partial restore the process was stopped in")
+                apply_file_plan(work / "journal.json")
+            else:
+                logger.warning("a partial restore was interrupted before its commit: nothing of it is kept")
+                undo_file_plan(work / "journal.json")
+            if journal.get("key"):
+                outcome = {"key": journal["key"], "startedAt": journal.get("startedAt", ""), "ok": committed,
+                           "error": None if committed else
+                           "the partial restore was interrupted before it completed; nothing was changed"}
+            (work / "journal.json").unlink(missing_ok=True)
+        tables = [row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE ? ESCAPE '\\'",
+            (TABLE_PREFIX.replace("_", "\\_") + "%",))]
+        if tables or marker is not None:
+            conn.execute("BEGIN IMMEDIATE")
+            for table in tables:
+                conn.execute(f"DROP TABLE IF EXISTS {F.quote(table)}")
+            conn.execute("DELETE FROM _params WHERE id = ?", (MARKER,))
+            conn.execute("COMMIT")
+    finally:
+        conn.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return outcome
+
+
+def collection_counts(db_path: Path, files: list[str]) -> dict[str, dict[str, int]] | None:
+    """Records and files of each collection (by name), for a backup's manifest; ``files`` are the
+    archive names of the storage files. None if the database cannot tell."""
+    try:
+        conn = _connect(db_path, readonly=True)
+    except sqlite3.Error:
+        return None
+    try:
+        rows = _rows(conn, "SELECT id, name FROM _collections")
+        by_id = {row["id"]: row["name"] for row in rows}
+        out: dict[str, dict[str, int]] = {}
+        for row in rows:
+            try:
+                count = int(conn.execute(f"SELECT count(*) FROM {F.quote(row['name'])}").fetchone()[0])
+            except sqlite3.Error:
+                count = 0
+            out[row["name"]] = {"records": count, "files": 0}
+        for name in files:
+            parts = name.split("/")
+            if len(parts) >= 3 and parts[0] == "storage" and parts[1] in by_id:
+                out[by_id[parts[1]]]["files"] += 1
+        return out
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+
