@@ -3,7 +3,8 @@
 # `make bench` compares backup, restore, upload and download with PocketBase's on the same data
 # (bench/compare.py); `make bench-s3` measures the server's memory on S3 (bench/s3_memory.py).
 # Both take BENCH_ARGS, e.g. --scale 0.05 for a quick look; `make bench` runs every phase
-# BENCH_RUNS times (3) and prints the medians.
+# BENCH_RUNS times (3) and prints the medians, then a partial restore against the full one
+# (bench/partial.py, PARTIAL_ARGS).
 # Each installs what it needs into .venv (and tests/e2e/node_modules) first.
 
 PYTHON ?= python3
@@ -47,6 +48,7 @@ BENCH_RUNS ?= 3
 
 bench: $(VENV)/.installed-test
 	$(PY) -m bench.compare --runs $(BENCH_RUNS) $(BENCH_ARGS)
+	$(PY) -m bench.partial --runs $(BENCH_RUNS) $(PARTIAL_ARGS)
 
 bench-s3: $(VENV)/.installed-test
 	$(PY) -m bench.s3_memory $(BENCH_ARGS)
