@@ -514,6 +514,7 @@ def test_a_crash_during_the_swap_leaves_complete_old_or_complete_new_data(
     assert ids == (old_ids if expect_new else current)
     files = {p.name for p in (faulty_server.data_dir / "storage").rglob("*") if p.is_file()}
     assert len(files) == len(ids)  # every record has its file, and no other file is left
+    wait_idle(faulty_server)  # (the replaced data is being saved as a safety copy)
     assert not (faulty_server.data_dir / ".pb_restore").exists()
     last = api.http.get("/api/backups/status", headers=su).json()["last"]
     assert last is not None and last["op"] == "restore" and last["ok"] is expect_new, last
