@@ -180,8 +180,7 @@ class RecordService:
             raise BadRequest("Failed to create record.")
         written = await self._write_files(collection, values["id"], pending)
         try:
-            async with self._db.transaction() as tx:
-                await self._insert(tx, collection, values)
+            await self._insert(self._db, collection, values)  # one statement: atomic on its own
         except BaseException:
             await asyncio.to_thread(_remove_files, written)
             raise
@@ -492,7 +491,7 @@ class RecordService:
         if stale:
             await asyncio.to_thread(_remove_files, stale)
 
-    async def _insert(self, tx: Transaction, collection: Collection, values: dict[str, Any]) -> None:
+    async def _insert(self, tx: Transaction | Database, collection: Collection, values: dict[str, Any]) -> None:
         columns = ", ".join(F.quote(k) for k in values)
         marks = ", ".join("?" for _ in values)
         try:
