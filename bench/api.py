@@ -8,8 +8,8 @@
 What it does, everything in one temporary directory (removed at the end unless ``--keep``):
 
 1. Data, the same in both servers: each server gets a superuser and two collections through its
-   own API (``bench_records``, whose list/view/create rules are public, so that a request measures
-   the route and not a login; and ``bench_bulk``, superuser-only); then, with the servers stopped,
+   own API (``bench_records`` and ``bench_created``, whose list/view/create rules are public, so
+   that a request measures the route and not a login; and ``bench_bulk``, superuser-only); then, with the servers stopped,
    ``--rows`` generated records go into ``bench_records`` and ``--backup-rows`` records and
    ``--backup-files`` files of 500 KiB into ``bench_bulk`` (``bench.compare``'s generator: the
    reference data of ``make bench``, scaled down), copied row for row into PocketBase's
@@ -21,7 +21,8 @@ What it does, everything in one temporary directory (removed at the end unless `
    - ``health``: ``GET /api/health``;
    - ``list``: ``GET /api/collections/bench_records/records?page=P&perPage=30``, P random;
    - ``view``: ``GET /api/collections/bench_records/records/ID``, ID random among 500 records;
-   - ``create``: ``POST /api/collections/bench_records/records`` with a small JSON record.
+   - ``create``: ``POST /api/collections/bench_created/records`` with a small JSON record (a
+     collection of its own, so that list and view see the same 2,000 rows in every run).
    A Lua ``done`` hook writes wrk's own counters as JSON: requests, duration, the latency
    percentiles (exact, from wrk's histogram), the socket errors (connect, read, write, timeout)
    and the answers with a status >= 400.
@@ -61,6 +62,7 @@ from .s3_memory import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, ServerProcess, machi
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "api.json"
 COLLECTION = "bench_records"
+CREATED = "bench_created"  # the create route writes here, so that list and view see the same rows throughout
 BULK = "bench_bulk"
 ROUTES = ("health", "list", "view", "create")
 PER_PAGE = 30
@@ -125,7 +127,9 @@ def lua_script(route: str, ids: list[str], pages: int) -> str:
 
 
 def route_path(route: str) -> str:
-    return "/api/health" if route == "health" else f"/api/collections/{COLLECTION}/records"
+    if route == "health":
+        return "/api/health"
+    return f"/api/collections/{CREATED if route == 'create' else COLLECTION}/records"
 
 
 def parse_wrk(output: str) -> dict[str, Any]:
@@ -195,7 +199,7 @@ def create_collections(server: ServerProcess) -> dict[str, str]:
     token = login(server.url)
     ids = {}
     public = {"listRule": "", "viewRule": "", "createRule": ""}
-    for name, rules in ((COLLECTION, public), (BULK, {})):
+    for name, rules in ((COLLECTION, public), (CREATED, public), (BULK, {})):
         response = httpx.post(server.url + "/api/collections", headers={"Authorization": token}, timeout=60,
                               json={"name": name, "type": "base", "fields": FIELDS, **rules})
         if response.status_code != 200:
