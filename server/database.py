@@ -149,6 +149,13 @@ class Database:
             await cursor.close()
             return rowcount
 
+    async def execute_returning(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        """One writing statement with a ``RETURNING`` clause, as ``execute``: its rows, in the
+        same single trip (they are all read before the statement, and so its commit, ends)."""
+        assert self._writer is not None, "database is not open"
+        async with self._write_lock:
+            return list(await self._writer.execute_fetchall(sql, params))
+
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         assert self._reader is not None, "database is not open"
         return list(await self._reader.execute_fetchall(sql, params))
