@@ -219,6 +219,7 @@ class CollectionStore:
         self._db = db
         self._datadir = datadir
         self._by_id: dict[str, Collection] = {}
+        self._by_name: dict[str, Collection] = {}  # lower-cased name -> the first collection of that name
 
     async def bootstrap(self) -> None:
         async with self._db.transaction() as tx:
@@ -232,7 +233,11 @@ class CollectionStore:
 
     async def reload(self) -> None:
         rows = await self._db.fetchall("SELECT * FROM _collections ORDER BY created, name")
-        self._by_id = {row["id"]: _from_row(row) for row in rows}
+        by_id = {row["id"]: _from_row(row) for row in rows}
+        by_name: dict[str, Collection] = {}
+        for collection in by_id.values():
+            by_name.setdefault(collection.name.lower(), collection)
+        self._by_id, self._by_name = by_id, by_name
 
     def all(self) -> list[Collection]:
         return list(self._by_id.values())
@@ -268,8 +273,7 @@ class CollectionStore:
         found = self._by_id.get(id_or_name)
         if found is not None:
             return found
-        lowered = id_or_name.lower()
-        return next((c for c in self._by_id.values() if c.name.lower() == lowered), None)
+        return self._by_name.get(id_or_name.lower())
 
     def get(self, id_or_name: str) -> Collection:
         found = self.find(id_or_name)
