@@ -2,7 +2,7 @@
 
     python -m bench.api [--seconds 8] [--runs 3] [--conns 32,256] [--routes health,list,view,create]
                         [--rows 2000] [--backup-rows 100000] [--backup-files 20] [--no-backup]
-                        [--threads 2] [--servers ours,pocketbase] [--workers N] [--keep] [--out FILE]
+                        [--threads 2] [--servers ours,pocketbase] [--server-args ARGS] [--keep] [--out FILE]
     python -m bench.api --show bench/results/api.json
 
 What it does, everything in one temporary directory (removed at the end unless ``--keep``):
@@ -166,7 +166,7 @@ def run_wrk(url: str, script: Path, threads: int, conns: int, seconds: float) ->
 
 
 class OurApiServer(ServerProcess):
-    """``python -m server serve`` from this tree, with extra arguments (``--workers N``)."""
+    """``python -m server serve`` from this tree, with extra arguments (``--server-args``)."""
 
     def __init__(self, data_dir: Path, log_path: Path, extra: list[str]) -> None:
         super().__init__(data_dir, log_path)
@@ -328,7 +328,7 @@ def settle(seconds: float = 0.5) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     kinds = args.servers
-    extra = ["--workers", str(args.workers)] if args.workers else []
+    extra = args.server_args.split()
     work = Path(tempfile.mkdtemp(prefix="bench_api_"))
     results: dict[str, Any] = {"machine": machine(), "source": source_version(), "note": NOTE,
                                "params": {k: v for k, v in vars(args).items() if k not in ("show", "out")},
@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backup-files", type=int, default=20, help="files of 500 KiB in the bulk collection")
     parser.add_argument("--no-backup", action="store_true", help="skip the 'during a backup' section")
     parser.add_argument("--servers", type=csv_list, default=[OURS, PB])
-    parser.add_argument("--workers", type=int, default=0, help="our server's --workers (default: its own default)")
+    parser.add_argument("--server-args", type=str, default="",
+                        help="extra arguments of our server's `serve` (split on spaces)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
