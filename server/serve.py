@@ -109,9 +109,19 @@ class _Server(uvicorn.Server):
         although the listening socket lives on for the re-exec. So: stop accepting (new clients
         wait in the backlog for the next process), let such connections have their request read
         for up to ``FIRST_REQUEST_GRACE`` (it is then answered with ``Connection: close``), and
-        only then shut down as uvicorn does."""
+        only then shut down as uvicorn does.
+
+        While that grace lasts, the other connections must not keep the process busy: an idle
+        keep-alive connection is closed at once (as uvicorn's shutdown would; its client retries
+        on a new connection, which waits in the backlog), and every request in progress, or read
+        from now on, is the last of its connection (``Connection: close``). Otherwise keep-alive
+        clients go on sending requests through the grace, and under load an unread first request
+        may not be read before the grace ends."""
         for server in self.servers:
             server.close()
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, _Protocol):
+                connection.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FIRST_REQUEST_GRACE
         while loop.time() < deadline and any(_unread_request(c) for c in list(self.server_state.connections)):
@@ -119,7 +129,7 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-FIRST_REQUEST_GRACE = 0.25  # seconds
+FIRST_REQUEST_GRACE = 1.0  # seconds: a loaded client may connect well before it sends
 
 
 class _Protocol(HttpToolsProtocol):
@@ -131,6 +141,19 @@ class _Protocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.partial_request = False  # a request's first bytes were read, its headers not all
+        self.draining = False
+
+    def drain(self) -> None:
+        """The server is stopping: close this connection if it is idle, else make the request in
+        progress (or the one still to be read) its last."""
+        self.draining = True
+        cycle = self.cycle
+        if cycle is None or self.partial_request:
+            return  # a request to read first (the shutdown's grace)
+        if cycle.response_complete:
+            self.transport.close()
+        else:
+            cycle.keep_alive = False
 
     def on_message_begin(self) -> None:
         self.partial_request = True
@@ -139,6 +162,8 @@ class _Protocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.partial_request = False
         super().on_headers_complete()  # makes the request's cycle (its task has not run yet)
+        if self.draining:
+            self.cycle.keep_alive = False
         self.cycle.transport = _HeadHeldTransport(self.transport, self.cycle)  # type: ignore[assignment]
 
 

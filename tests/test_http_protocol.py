@@ -2,7 +2,8 @@
 
 - the restore drain's view of a connection (``_unread_request``): a new connection and one
   holding part of its next request are waited for; one with a request in progress is uvicorn's
-  to finish; an idle keep-alive connection is not waited for;
+  to finish; an idle keep-alive connection is not waited for; draining closes idle connections
+  and makes every other request its connection's last;
 - the response head is held back and written with the first body part in one call, except before
   the response starts (``100 Continue``) and for HEAD; a close writes a held head first;
 - against a real server over a raw socket: ``Expect: 100-continue`` is answered before the body
@@ -96,6 +97,31 @@ async def test_the_drain_waits_for_new_and_partly_read_connections_only() -> Non
                        for kind, data in transport.calls if kind != "close")
     assert answers.count(b"HTTP/1.1 200 OK") == 2 and answers.count(b"\r\n\r\nok") == 2
     assert not _unread_request(object()), "not an HTTP connection of ours"
+
+
+async def test_draining_closes_idle_connections_and_makes_every_other_request_the_last() -> None:
+    idle, idle_transport = protocol()
+    idle.data_received(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    await settle()
+    new, new_transport = protocol()
+    partial, partial_transport = protocol()
+    partial.data_received(b"GET /api/health HTTP/1.1\r\n")
+    busy, busy_transport = protocol()
+    busy.data_received(b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")  # body to come
+    await settle()
+    for proto in (idle, new, partial, busy):
+        proto.drain()
+    assert idle_transport.closed, "an idle keep-alive connection is closed at once"
+    assert not (new_transport.closed or partial_transport.closed or busy_transport.closed)
+    assert busy.cycle.keep_alive is False
+    new.data_received(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    partial.data_received(b"Host: x\r\n\r\n")
+    busy.data_received(b"ping")
+    await settle()
+    for proto, transport in ((new, new_transport), (partial, partial_transport), (busy, busy_transport)):
+        written = b"".join(b"".join(d) if k == "writelines" else d for k, d in transport.calls if k != "close")
+        assert written.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in written, written
+        assert transport.closed, "the answered request was the connection's last"
 
 
 async def test_the_head_goes_out_with_the_body_in_one_call() -> None:
