@@ -11,10 +11,9 @@ import shlex
 import socket
 import sys
 from pathlib import Path
-from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import faults
 from .api import create_asgi_app
@@ -109,19 +108,9 @@ class _Server(uvicorn.Server):
         although the listening socket lives on for the re-exec. So: stop accepting (new clients
         wait in the backlog for the next process), let such connections have their request read
         for up to ``FIRST_REQUEST_GRACE`` (it is then answered with ``Connection: close``), and
-        only then shut down as uvicorn does.
-
-        While that grace lasts, the other connections must not keep the process busy: an idle
-        keep-alive connection is closed at once (as uvicorn's shutdown would; its client retries
-        on a new connection, which waits in the backlog), and every request in progress, or read
-        from now on, is the last of its connection (``Connection: close``). Otherwise keep-alive
-        clients go on sending requests through the grace, and under load an unread first request
-        may not be read before the grace ends."""
+        only then shut down as uvicorn does."""
         for server in self.servers:
             server.close()
-        for connection in list(self.server_state.connections):
-            if isinstance(connection, _Protocol):
-                connection.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FIRST_REQUEST_GRACE
         while loop.time() < deadline and any(_unread_request(c) for c in list(self.server_state.connections)):
@@ -129,89 +118,16 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-FIRST_REQUEST_GRACE = 1.0  # seconds: a loaded client may connect well before it sends
-
-
-class _Protocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, which also tells whether part of a request is buffered.
-
-    (httptools, a C parser, and uvloop serve several times the requests per second of the pure
-    Python h11; the restore drain needs only this one bit of parser state.)"""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.partial_request = False  # a request's first bytes were read, its headers not all
-        self.draining = False
-
-    def drain(self) -> None:
-        """The server is stopping: close this connection if it is idle, else make the request in
-        progress (or the one still to be read) its last."""
-        self.draining = True
-        cycle = self.cycle
-        if cycle is None or self.partial_request:
-            return  # a request to read first (the shutdown's grace)
-        if cycle.response_complete:
-            self.transport.close()
-        else:
-            cycle.keep_alive = False
-
-    def on_message_begin(self) -> None:
-        self.partial_request = True
-        super().on_message_begin()
-
-    def on_headers_complete(self) -> None:
-        self.partial_request = False
-        super().on_headers_complete()  # makes the request's cycle (its task has not run yet)
-        if self.draining:
-            self.cycle.keep_alive = False
-        self.cycle.transport = _HeadHeldTransport(self.transport, self.cycle)  # type: ignore[assignment]
-
-
-class _HeadHeldTransport:
-    """The transport as one response's cycle sees it: the response head is held back and written
-    with the first part of the body, in one ``writelines`` (one ``send`` system call instead of
-    two; on loopback each wakes the client up, and the pair was a third of a small request's
-    cost). Writes before the response starts (``100 Continue``) and a HEAD response's head go
-    out at once; ``close`` writes a held head first."""
-
-    __slots__ = ("_transport", "_cycle", "_head", "_head_seen")
-
-    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
-        self._transport = transport
-        self._cycle = cycle
-        self._head: bytes | None = None
-        self._head_seen = False
-
-    def write(self, data: bytes) -> None:
-        if self._head is not None:
-            head, self._head = self._head, None
-            self._transport.writelines((head, data))
-        elif not self._head_seen and self._cycle.response_started:
-            self._head_seen = True  # the first write once the response has started is its head
-            if self._cycle.scope["method"] == "HEAD":
-                self._transport.write(data)  # no body write follows to take it along
-            else:
-                self._head = data  # every body message of uvicorn's cycle writes, b"" included
-        else:
-            self._transport.write(data)
-
-    def close(self) -> None:
-        if self._head is not None:
-            head, self._head = self._head, None
-            self._transport.write(head)
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+FIRST_REQUEST_GRACE = 0.25  # seconds
 
 
 def _unread_request(connection: object) -> bool:
     """A connection without a request in progress that is new, or holds part of its next request."""
-    if not isinstance(connection, _Protocol):
+    if not isinstance(connection, H11Protocol):
         return False
     if connection.cycle is not None and not connection.cycle.response_complete:
         return False  # in progress: uvicorn lets it finish
-    return connection.cycle is None or connection.partial_request
+    return connection.conn.their_http_version is None or bool(connection.conn.trailing_data[0])
 
 
 def serve(address: str, data_dir: str) -> None:
@@ -246,7 +162,7 @@ def serve(address: str, data_dir: str) -> None:
     # proxy_headers=False: the client IP comes from the socket unless settings.trustedProxy says
     # otherwise (uvicorn would trust X-Forwarded-For from 127.0.0.1 by default).
     config = uvicorn.Config(create_asgi_app(core, on_started=banner), log_level="warning", lifespan="on", access_log=False,
-                            timeout_graceful_shutdown=10, proxy_headers=False, http=_Protocol, loop="uvloop")
+                            timeout_graceful_shutdown=10, proxy_headers=False, http="h11")
     server = _Server(config)
     restores: list[RestoreReady] = []
 
