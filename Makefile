@@ -5,6 +5,8 @@
 # Both take BENCH_ARGS, e.g. --scale 0.05 for a quick look; `make bench` runs every phase
 # BENCH_RUNS times (3) and prints the medians, then a partial restore against the full one
 # (bench/partial.py, PARTIAL_ARGS).
+# `make bench-api` runs wrk against ours and PocketBase on the same records (bench/api.py), e.g.
+# BENCH_ARGS="--seconds 3 --runs 1" for a quick look; it installs wrk (apt-get) when it can.
 # Each installs what it needs into .venv (and tests/e2e/node_modules) first.
 
 PYTHON ?= python3
@@ -13,7 +15,7 @@ PY     := $(VENV)/bin/python
 HTTP   ?= 127.0.0.1:8090
 DIR    ?= ./pb_data
 
-.PHONY: run test soak bench bench-s3 install install-test clean
+.PHONY: run test soak bench bench-s3 bench-api wrk install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +54,18 @@ bench: $(VENV)/.installed-test
 
 bench-s3: $(VENV)/.installed-test
 	$(PY) -m bench.s3_memory $(BENCH_ARGS)
+
+# wrk (the HTTP load generator of bench-api): apt-get when missing and running as root.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }; \
+	  else \
+	    echo "bench-api needs wrk (an HTTP load generator): install it, e.g. 'sudo apt-get install -y wrk' on Debian/Ubuntu" >&2; exit 1; \
+	  fi; }
+
+bench-api: $(VENV)/.installed-test wrk
+	$(PY) -m bench.api $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/e2e/node_modules .pytest_cache

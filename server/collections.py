@@ -222,6 +222,7 @@ class CollectionStore:
         self._db = db
         self._datadir = datadir
         self._by_id: dict[str, Collection] = {}
+        self._by_name: dict[str, Collection] = {}  # lower-cased name -> the first collection of that name
         # Names (lower case) of the collections a partial restore is rewriting: their records and
         # definitions may not change meanwhile. Set with the database's writes paused, and checked
         # inside every write transaction, so no write to them commits after it is set.
@@ -243,7 +244,11 @@ class CollectionStore:
 
     async def reload(self) -> None:
         rows = await self._db.fetchall("SELECT * FROM _collections ORDER BY created, name")
-        self._by_id = {row["id"]: _from_row(row) for row in rows}
+        by_id = {row["id"]: _from_row(row) for row in rows}
+        by_name: dict[str, Collection] = {}
+        for collection in by_id.values():
+            by_name.setdefault(collection.name.lower(), collection)
+        self._by_id, self._by_name = by_id, by_name
 
     def all(self) -> list[Collection]:
         return list(self._by_id.values())
@@ -279,8 +284,7 @@ class CollectionStore:
         found = self._by_id.get(id_or_name)
         if found is not None:
             return found
-        lowered = id_or_name.lower()
-        return next((c for c in self._by_id.values() if c.name.lower() == lowered), None)
+        return self._by_name.get(id_or_name.lower())
 
     def get(self, id_or_name: str) -> Collection:
         found = self.find(id_or_name)

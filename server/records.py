@@ -180,16 +180,23 @@ class RecordService:
         if rule and not requester.is_superuser and not await self._candidate_matches(collection, rule, values, requester):
             raise BadRequest("Failed to create record.")
         written = await self._write_files(collection, values["id"], pending)
+        columns = ", ".join(F.quote(k) for k in values)
+        marks = ", ".join("?" for _ in values)
         try:
-            async with self._db.transaction() as tx:
-                self._collections.check_writable(collection)
-                await self._insert(tx, collection, values)
+            # One statement, atomic on its own, that also gives the row as stored: one trip. The
+            # partial restore's guard is checked under the write lock, just before it.
+            rows = await self._db.execute_returning(
+                f"INSERT INTO {F.quote(collection.name)} ({columns}) VALUES ({marks}) RETURNING *",
+                [V.to_sql(v) for v in values.values()],
+                lambda: self._collections.check_writable(collection),
+            )
+        except sqlite3.IntegrityError as exc:
+            await asyncio.to_thread(_remove_files, written)
+            raise _unique_error(exc, "Failed to create record.") from exc
         except BaseException:
             await asyncio.to_thread(_remove_files, written)
             raise
-        row = await self.find_row(collection, values["id"])
-        assert row is not None
-        return self.to_json(collection, row, requester)
+        return self.to_json(collection, rows[0], requester)
 
     async def update(self, collection: Collection, record_id: str, payload: RecordInput, requester: Requester) -> dict[str, Any]:
         if collection.rule("updateRule") is None and not requester.is_superuser:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import os
 import string
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -10,7 +10,17 @@ _SECRET_ALPHABET = string.ascii_letters + string.digits
 
 
 def random_string(length: int, alphabet: str = _SECRET_ALPHABET) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(length))
+    """``length`` characters of ``alphabet``, uniformly drawn from the OS's CSPRNG.
+
+    Bytes from one ``os.urandom`` call, each kept only below the largest multiple of the alphabet's
+    size (no modulo bias): one system call per string instead of ``secrets.choice``'s one per
+    character (this runs for every record and every request log entry)."""
+    size = len(alphabet)
+    limit = 256 - 256 % size
+    out: list[str] = []
+    while len(out) < length:
+        out.extend(alphabet[b % size] for b in os.urandom(length + length // 2 + 4) if b < limit)
+    return "".join(out[:length])
 
 
 def random_id() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timezone
 
 _FORMAT_RE = re.compile(
@@ -15,8 +16,19 @@ def format_datetime(value: datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted by ``now``, and its text
+
+
 def now() -> str:
-    return format_datetime(datetime.now(timezone.utc))
+    """The current time in the wire format (each request's log entry has one: the formatted
+    second is reused within a second)."""
+    global _second
+    moment = time.time()
+    whole = int(moment)
+    second = _second
+    if second[0] != whole:
+        second = _second = (whole, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole)))
+    return f"{second[1]}.{int((moment - whole) * 1000):03d}Z"
 
 
 def parse_datetime(text: str) -> datetime | None:
