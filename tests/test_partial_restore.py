@@ -535,3 +535,50 @@ def test_the_manifest_counts_records_and_files_per_collection(fresh_server: Serv
     assert manifest["collections"]["orders"] == {"records": 3, "files": 2}
     assert manifest["collections"]["customers"] == {"records": 1, "files": 0}
     assert manifest["collections"]["_superusers"] == {"records": 1, "files": 0}
+
+
+def test_a_file_failing_its_checksum_after_data_db_was_counted_fails_the_job_and_changes_nothing(
+        fresh_server: ServerProcess) -> None:
+    """The count starts once data.db matches the manifest, while the files still extract: a file
+    of the collection whose SHA-256 then does not match fails the job with that reason, the
+    collection is writable again and nothing changed."""
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    shop(api, su)
+    for i in range(3):
+        add_note(api, su, f"a{i}", i, os.urandom(20_000), collection="orders")
+    backup(fresh_server, "night.zip")
+    good = fresh_server.data_dir / "backups" / "night.zip"
+    bad = fresh_server.data_dir / "backups" / "bad.zip"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(bad, "w", zipfile.ZIP_DEFLATED) as target:
+        names = source.namelist()
+        manifest_name = next(n for n in names if n.endswith("manifest.json"))
+        manifest = json.loads(source.read(manifest_name))
+        assert names.index("data.db") < min(i for i, n in enumerate(names) if n.startswith("storage/"))
+        victim = [n for n in names if n.startswith("storage/")][-1]
+        manifest["files"][victim]["sha256"] = "0" * 64
+        for name in names:
+            data = json.dumps(manifest).encode() if name == manifest_name else source.read(name)
+            target.writestr(name, data)
+    add_note(api, su, "b", 9, collection="orders")
+    wait_idle(fresh_server)
+    time.sleep(0.3)
+    db_before, files_before = database_state(fresh_server), storage_state(fresh_server)
+    last = restore_partial(fresh_server, "bad.zip", {"collections": ["orders"], "mode": "replace"})
+    assert last["ok"] is False and "checksum" in last["error"] and victim in last["error"], last
+    assert database_state(fresh_server) == db_before
+    assert storage_state(fresh_server) == files_before
+    assert not (fresh_server.data_dir / ".pb_partial_restore").exists()
+    created = api.http.post("/api/collections/orders/records", headers=login(fresh_server), json={"title": "c", "n": 10})
+    assert created.status_code == 200, created.text
+
+
+def test_the_count_splits_rowid_ranges_without_gaps_or_overlaps() -> None:
+    from server.backups.partial import _ranges
+    for low, high, parts in [(1, 1, 2), (1, 2, 2), (1, 3, 2), (-5, 5, 3), (1, 1_200_001, 2),
+                             (-(1 << 63), (1 << 63) - 1, 2), (7, 9, 5)]:
+        ranges = _ranges(low, high, parts)
+        assert 1 <= len(ranges) <= parts
+        assert ranges[0][0] == low and ranges[-1][1] == high
+        assert all(a <= b for a, b in ranges)
+        assert all(ranges[i][1] + 1 == ranges[i + 1][0] for i in range(len(ranges) - 1))

@@ -355,7 +355,8 @@ def tier(manifest: dict[str, Any] | None, full_check: bool = False) -> str:
 
 def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
             cancel: threading.Event | None = None, on_total: Progress = lambda n: None,
-            full_check: bool = False, select: Callable[[str], bool] | None = None) -> dict[str, Any] | None:
+            full_check: bool = False, select: Callable[[str], bool] | None = None,
+            on_verified: Callable[[str, Path], None] | None = None) -> dict[str, Any] | None:
     """Extract a backup into the empty directory ``target`` and verify it.
 
     Verification: the structure (``plan_archive``), the actual size of every entry against its
@@ -367,7 +368,10 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
     names the check that ran. ``on_total`` learns the number of bytes to extract before
     ``progress`` counts them. ``select`` (a partial restore): only the entries whose path it
     accepts are extracted and verified; the structure and the manifest's list are checked for
-    the whole archive.
+    the whole archive. ``on_verified(name, path)`` (a partial restore, to start reading data.db
+    while the rest extracts) is called, on this thread, as soon as an entry's size and SHA-256
+    matched the manifest: never for an archive without a manifest, whose bytes only the database
+    check vouches for; its own database check may still be running.
     """
     cancel = cancel or threading.Event()
     target.mkdir(parents=True, exist_ok=False)
@@ -412,6 +416,8 @@ def extract(zip_path: Path, target: Path, progress: Progress = lambda n: None,
                         want = expected[str(path)]
                         if want["size"] != size or want["sha256"] != digest:
                             raise ArchiveError(f"the checksum of {str(path)!r} does not match the manifest")
+                        if on_verified is not None:
+                            on_verified(str(path), dest)
                     if str(path) in DATABASES:
                         checks.append(checker.submit(check_database, dest, str(path), quick))
                 for check in checks:

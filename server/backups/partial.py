@@ -60,6 +60,7 @@ from .. import values as V
 from ..errors import BadRequest, ValidationError, field_error
 from ..tools.fsync import fsync_dir
 from ..tools.security import random_string
+from ..tools.threads import background_pool
 from ..tools.times import format_datetime, now
 from . import archive
 
@@ -82,6 +83,11 @@ MAX_CONFLICTS = 10  # ids named in a refusal
 # row of a big collection is copied. Used while the rest is at most this many rows, and smaller
 # than what is restored.
 FILE_SWAP_MAX_ROWS = 50_000
+# The summary's walk of a restored table against the live one is split into this many rowid ranges,
+# each on a connection and a low-priority thread of its own (``_COUNT_THREADS``; the caller does the
+# first range itself, so a full pool never waits on itself).
+COUNT_WORKERS = 2
+_COUNT_THREADS = background_pool(4, "partial-count")
 _NAME_RE = re.compile(r"^\w+$")
 _IDENT = r'(?:`[^`]+`|"(?:[^"]|"")+"|\[[^\]]+\]|[\w$]+)'
 _TABLE_RE = re.compile(rf"^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{_IDENT}", re.I)
@@ -181,6 +187,7 @@ class Target:
     shadow: str = ""
     old: str = ""
     summary: dict[str, Any] = field(default_factory=_empty_summary)
+    backup_rows: int | None = None  # the backup table's rows, once counted
     # File work: (stage path, final path, "added"|"replaced"), files and directories to remove.
     moves: list[tuple[str, str, str]] = field(default_factory=list)
     removes: list[str] = field(default_factory=list)
@@ -320,6 +327,7 @@ class _Restorer:
         self.committed = False
         self.file_mode = False  # the whole data.db is swapped (see ``choose_file_mode``)
         self._counted = False
+        self._planned = False
         self.backup_db = backup_db
         self._new: sqlite3.Connection | None = None
         self.conn = _connect(root / "data.db")
@@ -359,7 +367,8 @@ class _Restorer:
             rest += self._count(f"SELECT count(*) FROM (SELECT 1 FROM main.{F.quote(row['name'])} LIMIT {cap})")
             if rest > FILE_SWAP_MAX_ROWS:
                 return False
-        restored = sum(self._count(f"SELECT count(*) FROM bk.{F.quote(t.backup['name'])}")
+        restored = sum(t.backup_rows if t.backup_rows is not None else
+                       self._count(f"SELECT count(*) FROM bk.{F.quote(t.backup['name'])}")
                        for t in self.targets if t.backup is not None and t.action in ("replace", "create"))
         self.file_mode = restored > rest
         return self.file_mode
@@ -508,44 +517,70 @@ class _Restorer:
     # --- the summary -------------------------------------------------------------------
 
     def count_records(self) -> None:
-        for target in self.targets:
-            self._count_records(target)
+        """Count each target's records (``Target.summary``). Only on connections of its own, so
+        that it can run beside the extraction of the files and the file planning (``plan_files``,
+        which uses ``self.conn``)."""
+        conns = [self._reader() for _ in range(COUNT_WORKERS)]
+        try:
+            for target in self.targets:
+                self._count_records(target, conns)
+        finally:
+            for conn in conns:
+                conn.close()
         self._counted = True
 
-    def summarize(self) -> dict[str, Any]:
-        """Count what the restore changes (records and files) and plan the file work."""
-        if not self._counted:
-            self.count_records()
-        out: dict[str, Any] = {}
+    def plan_files(self) -> None:
+        """Count and plan the file work of every target (the files must all be extracted)."""
         for target in self.targets:
             self._plan_files(target)
+        self._planned = True
+
+    def summarize(self) -> dict[str, Any]:
+        """What the restore changes (records and files), counted and planned first if not yet."""
+        if not self._counted:
+            self.count_records()
+        if not self._planned:
+            self.plan_files()
+        out: dict[str, Any] = {}
+        for target in self.targets:
             summary = dict(target.summary)
             summary["action"] = target.action
             out[target.name] = summary
         return {"dryRun": self.dry_run, "collections": out}
 
-    def _count(self, sql: str) -> int:
-        return int(self.conn.execute(sql).fetchone()[0] or 0)
+    def _reader(self) -> sqlite3.Connection:
+        conn = _connect(self.root / "data.db")
+        try:
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("ATTACH DATABASE ? AS bk", (f"file:{urllib.parse.quote(str(self.backup_db))}?mode=ro",))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
-    def _count_records(self, target: Target) -> None:
+    def _count(self, sql: str, conn: sqlite3.Connection | None = None) -> int:
+        return int((conn or self.conn).execute(sql).fetchone()[0] or 0)
+
+    def _count_records(self, target: Target, conns: list[sqlite3.Connection]) -> None:
         s = target.summary
         bk, cur = target.backup, target.current
+        conn = conns[0]
         if target.action == "keep":
             return
         if target.action == "create":
             assert bk is not None
-            s["inserted"] = self._count(f"SELECT count(*) FROM bk.{F.quote(bk['name'])}")
+            s["inserted"] = target.backup_rows = self._count(f"SELECT count(*) FROM bk.{F.quote(bk['name'])}", conn)
             return
         assert cur is not None
         live = f"main.{F.quote(cur['name'])}"
-        n_live = self._count(f"SELECT count(*) FROM {live}")
+        n_live = self._count(f"SELECT count(*) FROM {live}", conn)
         if target.action == "delete":
             s["deleted"] = n_live
             return
         assert bk is not None
         theirs = f"bk.{F.quote(bk['name'])}"
-        bk_columns = _columns(self.conn, "bk", bk["name"])
-        live_columns = _columns(self.conn, "main", cur["name"])
+        bk_columns = _columns(conn, "bk", bk["name"])
+        live_columns = _columns(conn, "main", cur["name"])
         fields = {f["name"]: f for f in json.loads(cur["fields"])}
         # A shared record is unchanged when the fields both tables have hold the same values.
         common = [c for c in bk_columns if c in live_columns]
@@ -555,15 +590,20 @@ class _Restorer:
             pairs = [("b." + F.quote(c), "l." + F.quote(c)) for c in common]
         equal = " AND ".join(f"({a}) IS {b}" for a, b in pairs) if pairs else "0"
         # Records mostly keep their rowid (a restore keeps it too): those are paired by rowid, in
-        # one walk of both tables in order; only the others are looked up by id.
-        row = self.conn.execute(
-            f"SELECT count(*), coalesce(sum(l.id IS b.id), 0), "
-            f"coalesce(sum(CASE WHEN l.id IS b.id AND {equal} THEN 1 ELSE 0 END), 0) "
-            f"FROM {theirs} AS b LEFT JOIN {live} AS l ON l.rowid = b.rowid").fetchone()
-        n_bk, paired, paired_same = int(row[0]), int(row[1]), int(row[2])
+        # a walk of both tables in order (split in rowid ranges walked in parallel); only the
+        # others are looked up by id.
+        walk = (f"SELECT count(*), coalesce(sum(l.id IS b.id), 0), "
+                f"coalesce(sum(CASE WHEN l.id IS b.id AND {equal} THEN 1 ELSE 0 END), 0) "
+                f"FROM {theirs} AS b LEFT JOIN {live} AS l ON l.rowid = b.rowid WHERE b.rowid BETWEEN ? AND ?")
+        low, high = conn.execute(f"SELECT min(rowid), max(rowid) FROM {theirs}").fetchone()
+        n_bk = paired = paired_same = 0
+        if low is not None:
+            for row in _in_parallel(walk, _ranges(int(low), int(high), len(conns)), conns):
+                n_bk, paired, paired_same = n_bk + int(row[0]), paired + int(row[1]), paired_same + int(row[2])
+        target.backup_rows = n_bk
         by_id = (0, 0)
         if paired < n_bk:
-            by_id = self.conn.execute(
+            by_id = conn.execute(
                 f"SELECT count(*), coalesce(sum(CASE WHEN {equal} THEN 1 ELSE 0 END), 0) "
                 f"FROM {theirs} AS b JOIN {live} AS l ON l.id = b.id "
                 f"WHERE NOT EXISTS (SELECT 1 FROM {live} AS x WHERE x.rowid = b.rowid AND x.id = b.id)").fetchone()
@@ -860,6 +900,26 @@ class _Restorer:
         return False
 
 
+def _ranges(low: int, high: int, parts: int) -> list[tuple[int, int]]:
+    """``[low, high]`` cut into at most ``parts`` consecutive inclusive ranges."""
+    step = (high - low) // max(1, parts) + 1
+    return [(start, min(high, start + step - 1)) for start in range(low, high + 1, step)]
+
+
+def _in_parallel(sql: str, ranges: list[tuple[int, int]], conns: list[sqlite3.Connection]) -> list[tuple[Any, ...]]:
+    """``sql`` (one row) for each range, the first on this thread, the others on ``_COUNT_THREADS``,
+    each on its own connection; every one has ended when this returns (or raises)."""
+    futures = [_COUNT_THREADS.submit(lambda c=conn, r=bounds: tuple(c.execute(sql, r).fetchone()))
+               for conn, bounds in zip(conns[1:], ranges[1:])]
+    try:
+        first = tuple(conns[0].execute(sql, ranges[0]).fetchone())
+    finally:
+        for future in futures:
+            with contextlib.suppress(BaseException):
+                future.result()
+    return [first, *(future.result() for future in futures)]
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -1052,29 +1112,52 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
             # have. Files land in work/db/storage/<collectionId>/...
             guessed = tuple(f"storage/{found.id}/" for found in (store.find(name) for name in request.collections or ())
                             if found is not None)
-            await asyncio.to_thread(archive.extract, zip_path, work / "db", job.advance, job.cancel, set_total,
-                                    False, lambda path: path == "data.db" or (bool(guessed) and path.startswith(guessed)))
-            restorer = await asyncio.to_thread(_Restorer, root, work / "db" / "data.db", work / "db", work,
-                                               request, token)
-            await asyncio.to_thread(restorer.resolve)
-            if not request.dry_run:
-                names = {t.name.lower() for t in restorer.targets} | {
-                    t.current["name"].lower() for t in restorer.targets if t.current is not None}
-                async with manager.db.writes_paused():  # no write to them commits from now on
-                    store.restoring |= names
-                    held = names
-            missing = tuple(p for p in restorer.storage_prefixes() if p not in guessed)
-            # The records are counted meanwhile.
-            counting = asyncio.ensure_future(asyncio.to_thread(restorer.count_records))
+            loop = asyncio.get_running_loop()
+            db_out: asyncio.Future[None] = loop.create_future()
+
+            def on_verified(name: str, _path: Path) -> None:
+                if name == "data.db":
+                    loop.call_soon_threadsafe(lambda: db_out.done() or db_out.set_result(None))
+
+            # The records are counted from the moment data.db's bytes match the manifest, while
+            # its database check and the files go on (without a manifest: once all is checked).
+            extracting = asyncio.ensure_future(asyncio.to_thread(
+                archive.extract, zip_path, work / "db", job.advance, job.cancel, set_total, False,
+                lambda path: path == "data.db" or (bool(guessed) and path.startswith(guessed)), on_verified))
+            counting: asyncio.Future[None] | None = None
             try:
+                await asyncio.wait([extracting, db_out], return_when=asyncio.FIRST_COMPLETED)
+                if not db_out.done():
+                    await extracting
+                restorer = await asyncio.to_thread(_Restorer, root, work / "db" / "data.db", work / "db", work,
+                                                   request, token)
+                await asyncio.to_thread(restorer.resolve)
+                if not request.dry_run:
+                    names = {t.name.lower() for t in restorer.targets} | {
+                        t.current["name"].lower() for t in restorer.targets if t.current is not None}
+                    async with manager.db.writes_paused():  # no write to them commits from now on
+                        store.restoring |= names
+                        held = names
+                counting = loop.run_in_executor(_COUNT_THREADS, restorer.count_records)
+                await extracting
+                clock.lap("extracted")
+                missing = tuple(p for p in restorer.storage_prefixes() if p not in guessed)
                 if missing:
                     await asyncio.to_thread(archive.extract, zip_path, work / "more", job.advance, job.cancel,
                                             set_total, False, lambda path: path.startswith(missing))
                     await asyncio.to_thread(_merge_dirs, work / "more" / "storage", work / "db" / "storage")
-            finally:
-                await asyncio.wait([counting])
-            counting.result()
-        clock.lap("fetched and verified")
+                # Beside the count: the files compared, and (a replace, which may swap data.db for
+                # the extracted one) the extracted data.db written to disk.
+                if not request.dry_run and request.mode == "replace":
+                    await asyncio.to_thread(_fsync, work / "db" / "data.db")
+                await asyncio.to_thread(restorer.plan_files)
+                await counting
+            except BaseException:
+                await asyncio.wait([f for f in (extracting, counting) if f is not None])
+                if not extracting.cancelled() and extracting.exception() is not None:
+                    raise extracting.exception() from None  # a damaged backup first, as it is the cause
+                raise
+        clock.lap("fetched, verified and counted")
         faults.point("partial-verified")
         job.summary = await asyncio.to_thread(restorer.summarize)
         clock.lap("summary")
