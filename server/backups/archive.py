@@ -496,9 +496,8 @@ def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, 
     return size, digest.hexdigest()
 
 
-def _entry_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[bytes]:
-    """The content of ``info``, inflated by ISA-L where installed (about twice zlib's speed), at
-    most ``CHUNK`` bytes at a time whatever the compression ratio. The caller checks size and CRC."""
+def _seek_to_data(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> IO[bytes]:
+    """The archive's file, positioned at the first byte of ``info``'s compressed data."""
     handle = archive.fp
     assert handle is not None
     handle.seek(info.header_offset)
@@ -507,6 +506,13 @@ def _entry_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[b
         raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
     name_length, extra_length = struct.unpack("<HH", header[26:30])
     handle.seek(info.header_offset + 30 + name_length + extra_length)
+    return handle
+
+
+def _entry_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[bytes]:
+    """The content of ``info``, inflated by ISA-L where installed (about twice zlib's speed), at
+    most ``CHUNK`` bytes at a time whatever the compression ratio. The caller checks size and CRC."""
+    handle = _seek_to_data(archive, info)
     left = info.compress_size
     inflater = inflate_lib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED else None
     while left > 0:
@@ -536,14 +542,7 @@ def _segment_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo, segments: l
                     inflaters: ThreadPoolExecutor) -> Iterator[bytes]:
     """The content of ``info``, its independent segments inflated on ``inflaters`` in parallel (a
     few ahead of the caller), in order. The caller checks size and CRC."""
-    handle = archive.fp
-    assert handle is not None
-    handle.seek(info.header_offset)
-    header = handle.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise ArchiveError(f"the archive entry {info.filename!r} is damaged")
-    name_length, extra_length = struct.unpack("<HH", header[26:30])
-    handle.seek(info.header_offset + 30 + name_length + extra_length)
+    handle = _seek_to_data(archive, info)
     ahead = 2 * getattr(inflaters, "_max_workers", 2)
     pending: deque[Future[bytes]] = deque()
     try:
