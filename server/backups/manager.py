@@ -18,7 +18,7 @@ import shutil
 import sqlite3
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -416,11 +416,7 @@ class BackupManager:
         return key, self._acquire("create", key)
 
     async def _create(self, job: Job) -> None:
-        storage = self.storage()
-        writer = await asyncio.to_thread(storage.open_write, job.key)
-        zipper: archive.ArchiveWriter | None = None
-        try:
-            zipper = await asyncio.to_thread(archive.ArchiveWriter, writer, job.advance, job.cancel)
+        async with _archive_writing(self.storage(), job) as (zipper, writer):
             async with AsyncExitStack() as snapshots:
                 data_db = await snapshots.enter_async_context(self.db.snapshot(self.datadir.temp))
                 aux_db = await snapshots.enter_async_context(self.aux_db.snapshot(self.datadir.temp))
@@ -441,13 +437,6 @@ class BackupManager:
             for source in files:
                 await _in_background(zipper.add, source, True)
             await _in_background(zipper.finish, {"app": self.settings.app_name, "collections": counts})
-            zipper = None
-            await asyncio.to_thread(writer.commit)
-        except BaseException:
-            if zipper is not None:
-                await asyncio.to_thread(zipper.close)
-            await asyncio.to_thread(writer.abort)
-            raise
         self.logs.info("Backup created", key=job.key, size=writer.bytes_written)
 
     # --- upload ----------------------------------------------------------------------------
@@ -743,10 +732,7 @@ class BackupManager:
         databases = await asyncio.to_thread(_settle_databases, old)
         files = await asyncio.to_thread(archive.collect_files, old)
         job.bytes_total = sum(await asyncio.to_thread(_sizes, databases + files))
-        writer = await asyncio.to_thread(storage.open_write, job.key)
-        zipper: archive.ArchiveWriter | None = None
-        try:
-            zipper = await _in_background(archive.ArchiveWriter, writer, job.advance, job.cancel)
+        async with _archive_writing(storage, job) as (zipper, _writer):
             for index, source in enumerate(databases + files):
                 await _in_background(zipper.add, source)
                 if index == 0:
@@ -754,13 +740,24 @@ class BackupManager:
             await _in_background(zipper.finish, {"app": (journal.get("safety") or {}).get("app", ""),
                                                  "createdBy": {"kind": "pre-restore"},
                                                  "replacedBy": journal.get("key", "")})
-            zipper = None
-            await asyncio.to_thread(writer.commit)
-        except BaseException:
-            if zipper is not None:
-                await asyncio.to_thread(zipper.close)
-            await asyncio.to_thread(writer.abort)
-            raise
+
+
+@asynccontextmanager
+async def _archive_writing(storage: Storage, job: Job) -> AsyncIterator[tuple[archive.ArchiveWriter, Any]]:
+    """A backup archive written to ``storage`` as ``job.key``: the block adds the entries and calls
+    ``finish``; the archive is published when the block ends, discarded (never listed) if it raises."""
+    writer = await asyncio.to_thread(storage.open_write, job.key)
+    zipper: archive.ArchiveWriter | None = None
+    try:
+        zipper = await _in_background(archive.ArchiveWriter, writer, job.advance, job.cancel)
+        yield zipper, writer
+        zipper = None
+        await asyncio.to_thread(writer.commit)
+    except BaseException:
+        if zipper is not None:
+            await asyncio.to_thread(zipper.close)
+        await asyncio.to_thread(writer.abort)
+        raise
 
 
 @contextmanager

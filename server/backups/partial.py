@@ -58,7 +58,7 @@ from .. import faults
 from .. import fields as F
 from .. import values as V
 from ..errors import BadRequest, ValidationError, field_error
-from ..tools.fsync import fsync_dir
+from ..tools.fsync import fsync_dir, fsync_path
 from ..tools.security import random_string
 from ..tools.threads import background_pool
 from ..tools.times import format_datetime, now
@@ -389,7 +389,7 @@ class _Restorer:
                                    "ESCAPE '\\'").fetchall():
             if name.lower() not in keep:
                 new.execute(f"DROP TABLE {F.quote(name)}")
-        _fsync(self.backup_db)  # now: the fsync after the copy of the rest (writers waiting) has little left
+        fsync_path(self.backup_db)  # now: the fsync after the copy of the rest (writers waiting) has little left
 
     def copy_live(self) -> None:
         """The rest of the live data into the new file, the definitions and the commit marker
@@ -432,7 +432,7 @@ class _Restorer:
             new.execute("DETACH DATABASE live")
         new.close()
         self._new = None
-        _fsync(self.backup_db)
+        fsync_path(self.backup_db)
 
     def swap_file(self) -> None:
         """Put the new file in place of data.db (every connection to it closed): the commit."""
@@ -920,14 +920,6 @@ def _in_parallel(sql: str, ranges: list[tuple[int, int]], conns: list[sqlite3.Co
     return [first, *(future.result() for future in futures)]
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     temp = path.with_name(path.name + ".tmp")
     with open(temp, "w") as handle:
@@ -1149,7 +1141,7 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                 # Beside the count: the files compared, and (a replace, which may swap data.db for
                 # the extracted one) the extracted data.db written to disk.
                 if not request.dry_run and request.mode == "replace":
-                    await asyncio.to_thread(_fsync, work / "db" / "data.db")
+                    await asyncio.to_thread(fsync_path, work / "db" / "data.db")
                 await asyncio.to_thread(restorer.plan_files)
                 await counting
             except BaseException:
