@@ -113,17 +113,18 @@ async def _follow(manager: BackupManager, progress: Progress, work: Awaitable[An
 
 
 async def list_backups(app: App, args: argparse.Namespace, progress: Progress) -> None:
-    files = await app.backups.list()
-    if args.json:
-        print(json.dumps([{"key": f.key, "size": f.size, "modified": format_datetime(f.modified)} for f in files],
-                         indent=1))
+    files, pinned = await app.backups.list_with_pins()
+    if args.json:  # the API's list, field for field
+        print(json.dumps([{"key": f.key, "size": f.size, "modified": format_datetime(f.modified),
+                           **({"pinned": f.key in pinned} if pinned is not None else {})} for f in files], indent=1))
         return
     if not files:
         progress.line(f"No backups in {app.backups.storage().describe()['kind']} storage.")
         return
     width = max(len(f.key) for f in files)
     for f in files:
-        print(f"{f.key:<{width}}  {f.size:>14,d}  {format_datetime(f.modified)}")
+        print(f"{f.key:<{width}}  {f.size:>14,d}  {format_datetime(f.modified)}"
+              + ("  pinned" if pinned and f.key in pinned else ""))
 
 
 async def create_backup(app: App, args: argparse.Namespace, progress: Progress) -> None:

@@ -229,7 +229,7 @@ class BackupManager:
         try:
             out["stats"] = await asyncio.wait_for(self.stats(storage), STATUS_STORAGE_TIMEOUT)
         except (asyncio.TimeoutError, StorageError, CatalogError, OSError) as exc:
-            out["storage"]["error"] = describe_error(exc) if not isinstance(exc, asyncio.TimeoutError) else \
+            out["statsError"] = describe_error(exc) if not isinstance(exc, asyncio.TimeoutError) else \
                 "the storage did not answer in time"
         out["storage"].update(await self._storage_health(storage))
         return out
@@ -692,7 +692,8 @@ class BackupManager:
                 found.backups.pop(key, None)
 
         try:
-            if not any(key in (await self._read_catalog(storage)).backups for key in keys):
+            known = (await self._read_catalog(storage)).backups
+            if not any(key in known for key in keys):
                 return
             await (self.catalog.change_locked(storage, edit) if locked else self.catalog.change(storage, edit))
         except (StorageError, OSError) as exc:

@@ -567,9 +567,9 @@ class S3Storage(Storage):
 class RangedObject(io.RawIOBase):
     """A seekable read-only view of one object: each read that misses the cache is one ranged GET.
 
-    The first read fetches the object's tail (``TAIL`` bytes), where a zip keeps its directory and
-    our manifest, so that reading both usually costs one request; later misses fetch at least
-    ``BLOCK`` bytes. Blocking: use it in a worker thread."""
+    The first read within the object's last ``TAIL`` bytes fetches all of them: a zip keeps its
+    directory and our manifest there, so reading both usually costs one request; other misses
+    fetch at least ``BLOCK`` bytes. Blocking: use it in a worker thread."""
 
     TAIL = 1 << 20
     BLOCK = 256 << 10
@@ -580,6 +580,7 @@ class RangedObject(io.RawIOBase):
         self._storage, self._key, self._size = storage, key, size
         self._pos = 0
         self._spans: list[tuple[int, bytes]] = []  # (start, bytes), at most a few
+        self._tail_fetched = False
         self.requests = 0
 
     def readable(self) -> bool:
@@ -603,8 +604,8 @@ class RangedObject(io.RawIOBase):
         data = self._cached(self._pos, want)
         if data is None:
             start = self._pos
-            if not self.requests and self._size - start <= self.TAIL:
-                start = max(0, self._size - self.TAIL)
+            if not self._tail_fetched and self._size - start <= self.TAIL:
+                start, self._tail_fetched = max(0, self._size - self.TAIL), True
             end = min(self._size, max(self._pos + want, start + self.BLOCK))
             self._fetch(start, end)
             data = self._cached(self._pos, want)
