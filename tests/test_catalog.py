@@ -455,3 +455,30 @@ def test_info_on_s3_takes_a_few_ranged_gets(tmp_path: Path, s3_server: Any) -> N
     assert facts["format"] == "manifest" and facts["appName"] == "Big"
     assert facts["files"] == {"count": 2000, "bytes": 2000 * 900} and facts["databases"] == {"data.db": 3 << 20}
     assert requests <= 3, requests
+
+
+def test_a_skipped_scheduled_run_alerts_and_prune_waits_for_the_job(tmp_path: Path) -> None:
+    hook = Receiver()
+    data_dir = tmp_path / "pb_data"
+    gate = tmp_path / "gate"
+    gate.write_text("0")  # the first backup write holds until the file goes
+    run_cli("superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, data_dir=data_dir)
+    server = ServerProcess(data_dir, env={"PB_FAULTS": "gate:backup-write", "PB_FAULTS_GATE": str(gate)})
+    server.start()
+    api = Api(server)
+    su = auth(api.superuser_token())
+    try:
+        api.http.patch("/api/settings", headers=su, json={"backups": {"cron": "0 3 * * *",
+                                                                       "notify": {"webhookURL": hook.url}}})
+        assert api.http.post("/api/backups", headers=su, json={"name": "held.zip"}).status_code == 204
+        wait_for(lambda: api.http.get("/api/backups/status", headers=su).json()["active"], "the held backup")
+        response = api.http.post("/api/backups/prune", headers=su, json={"keep": 0, "scope": "all"})
+        assert response.status_code == 400 and "Try again later" in response.json()["message"]  # the job lock
+        assert api.http.post("/api/crons/__pbAutoBackup__", headers=su).status_code == 204
+        event = wait_for(lambda: hook.events and hook.events[0], "the skipped event")
+        assert event["event"] == "skipped" and event["op"] == "create" and "another backup" in event["error"]
+    finally:
+        gate.unlink(missing_ok=True)
+        hook.close()
+        api.close()
+        server.stop()

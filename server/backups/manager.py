@@ -889,9 +889,9 @@ class BackupManager:
             with _storage_failure("Failed to read the backup catalog."):
                 known = await self._read_catalog(storage)
             busy = self.active.key if self.active is not None else None
-            candidates = [info for info in found
-                          if info.key.startswith(prefix) and not known.pinned(info.key) and info.key != busy]
-            doomed = choose(sorted(candidates, key=_age_order, reverse=True))
+            candidates = [info for info in found if info.key.startswith(prefix) and not known.pinned(info.key)]
+            # A busy backup (the one being written) counts among the kept, and is never deleted.
+            doomed = [info for info in choose(sorted(candidates, key=_age_order, reverse=True)) if info.key != busy]
             deleted: list[str] = []
             freed = 0
             if dry_run:
