@@ -246,7 +246,7 @@ def _entry_path(info: zipfile.ZipInfo) -> PurePosixPath:
 def open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:  # "zip file version 8.4"
         raise ArchiveError("the file is not a readable zip archive") from exc
 
 

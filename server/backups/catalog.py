@@ -58,7 +58,7 @@ def describe_archive(handle: BinaryIO) -> dict[str, Any]:
             manifest = _manifest(zipped, infos)
     except archive.ArchiveError:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error) as exc:
         raise archive.ArchiveError("the file is not a readable zip archive") from exc
     databases: dict[str, int] = {}
     count = size = 0
