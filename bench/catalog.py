@@ -59,7 +59,7 @@ def main() -> None:
         data_dir = tmp / "pb_data"
         run_cli("superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, data_dir=data_dir)
         backups = data_dir / "backups"
-        backups.mkdir(parents=True)
+        backups.mkdir(parents=True, exist_ok=True)
         big = backups / "big.zip"
         make_archive(big, args.entries)
         small = tmp / "small.zip"
