@@ -66,7 +66,7 @@ def check_shape(endpoint: str, response: httpx.Response, page: int, per_page: in
     if endpoint == "health":
         return (None if body == HEALTH_BODY else f"health body {body!r}"), -1, -1
     if endpoint == "backups":
-        if not isinstance(body, list) or any(not isinstance(b, dict) or set(b) != {"key", "size", "modified"}
+        if not isinstance(body, list) or any(not isinstance(b, dict) or set(b) - {"pinned"} != {"key", "size", "modified"}
                                              or not isinstance(b["size"], int) for b in body):
             return f"backups body {str(body)[:200]}", -1, -1
         return None, -1, -1

@@ -7,7 +7,9 @@ concerns; ``server.api.create_asgi_app`` wraps it for uvicorn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +27,8 @@ from .settings import Settings
 
 logger = logging.getLogger("server")
 AUTO_BACKUP_JOB = "__pbAutoBackup__"
+STALE_CHECK_SECONDS = 60.0  # how often the server asks whether backups went stale (issue 15)
+STALE_CHECK_ENV = "PB_STALE_CHECK_SECONDS"  # a test hook: a shorter period
 DIR_IN_USE = "another process (a restore from the command line) is using this data directory"
 
 
@@ -53,6 +57,7 @@ class App:
         self.backups.collections = self.collections  # (partial restores)
         self._started = False
         self._serving = False  # set by start(): a serving process
+        self._stale_watch: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Open the databases and bring their schema up to date (no background tasks).
@@ -142,15 +147,36 @@ class App:
         self._started = True
         # The data a restore replaced becomes a backup now that the restored data is served.
         self.backups.start_preserving()
+        self._stale_watch = asyncio.create_task(self._watch_stale(), name="backup-stale-watch")
 
     async def close(self) -> None:
         if self._started:
+            if self._stale_watch is not None:
+                self._stale_watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._stale_watch
+                self._stale_watch = None
             await self.backups.shutdown()
+            await self.backups.notifier.close()
             await self.scheduler.stop()
             await self.logs.stop()
             self.backups.lock.release_server()
             self._started = False
         await self._close_data()
+
+    async def _watch_stale(self) -> None:
+        """Every ``STALE_CHECK_SECONDS``: has a backup succeeded within ``staleAfterHours``? (an
+        alert once if not; ``backupStale`` in the health answer)."""
+        period = float(os.environ.get(STALE_CHECK_ENV) or STALE_CHECK_SECONDS)
+        while True:
+            if self.settings.data["backups"]["notify"]["staleAfterHours"]:
+                try:
+                    await self.backups.check_stale()
+                except Exception as exc:  # the storage is away: tried again at the next period
+                    logger.warning("the stale backup check failed: %s", exc)
+            else:
+                self.backups.backup_stale = False
+            await asyncio.sleep(period)
 
     async def has_superuser(self) -> bool:
         return bool(await self.db.scalar(f'SELECT EXISTS (SELECT 1 FROM "{SUPERUSERS}")'))

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from .app import App, opened
 from .backups import archive, partial, restore
-from .backups.manager import AUTO_PREFIX, BUSY_MESSAGE, Busy, BackupManager, RestoreReady, describe_error
+from .backups.manager import BUSY_MESSAGE, Busy, BackupManager, RestoreReady, describe_error
 from .errors import ApiError, NotFound
 from .tools.times import format_datetime
 
@@ -113,23 +113,24 @@ async def _follow(manager: BackupManager, progress: Progress, work: Awaitable[An
 
 
 async def list_backups(app: App, args: argparse.Namespace, progress: Progress) -> None:
-    files = await app.backups.list()
-    if args.json:
-        print(json.dumps([{"key": f.key, "size": f.size, "modified": format_datetime(f.modified)} for f in files],
-                         indent=1))
+    files, pinned = await app.backups.list_with_pins()
+    if args.json:  # the API's list, field for field
+        print(json.dumps([{"key": f.key, "size": f.size, "modified": format_datetime(f.modified),
+                           **({"pinned": f.key in pinned} if pinned is not None else {})} for f in files], indent=1))
         return
     if not files:
         progress.line(f"No backups in {app.backups.storage().describe()['kind']} storage.")
         return
     width = max(len(f.key) for f in files)
     for f in files:
-        print(f"{f.key:<{width}}  {f.size:>14,d}  {format_datetime(f.modified)}")
+        print(f"{f.key:<{width}}  {f.size:>14,d}  {format_datetime(f.modified)}"
+              + ("  pinned" if pinned and f.key in pinned else ""))
 
 
 async def create_backup(app: App, args: argparse.Namespace, progress: Progress) -> None:
     manager = app.backups
     started = time.monotonic()
-    key = await manager.start_create(args.name or None)
+    key = await manager.start_create(args.name or None, created_by={"kind": "cli"})
     job = manager.active  # kept: a small backup may be over before the first look at it
     progress.step(f"Creating {key} ({manager.storage().describe()['kind']} storage)")
     while manager.active is job and job is not None and job.bytes_total == 0:
@@ -175,13 +176,19 @@ async def delete_backup(app: App, args: argparse.Namespace, progress: Progress) 
 
 
 async def prune_backups(app: App, args: argparse.Namespace, progress: Progress) -> None:
-    prefix = "" if args.all else AUTO_PREFIX
-    async with _job_lock(app):
-        deleted = await app.backups.prune(args.keep, prefix)
-    for key in deleted:
-        print(f"Deleted {key}")
-    kind = "backups" if args.all else "scheduled (@auto_) backups"
-    progress.line(f"Kept the newest {args.keep} {kind}; deleted {len(deleted)}.")
+    if args.keep < 0:
+        raise Failure("--keep must be 0 or more")
+    result = await app.backups.prune_backups(args.keep, "all" if args.all else "scheduled", args.dry_run)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    verb = "Would delete" if args.dry_run else "Deleted"
+    for key in result["deleted"]:
+        print(f"{verb} {key}")
+    kind = "unpinned backups" if args.all else "unpinned scheduled (@auto_) backups"
+    done = "would be deleted" if args.dry_run else "deleted"
+    progress.line(f"Kept the newest {args.keep} {kind}: {len(result['deleted'])} {done}, "
+                  f"{_mb(result['freedBytes'])} freed; {result['before']} backups before, {result['after']} after.")
 
 
 @asynccontextmanager
@@ -355,6 +362,8 @@ def add_parser(commands: Any, default_dir: str) -> None:
     prune = actions.add_parser("prune", parents=[common], help="delete all but the newest scheduled backups")
     prune.add_argument("--keep", type=int, required=True, metavar="N", help="how many to keep (0: delete all)")
     prune.add_argument("--all", action="store_true", help="consider every backup, not only the scheduled ones")
+    prune.add_argument("--dry-run", action="store_true", help="delete nothing; print what would be deleted")
+    prune.add_argument("--json", action="store_true", help="print {before, after, deleted, freedBytes} as JSON")
 
 
 def run(args: argparse.Namespace) -> int:

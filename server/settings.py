@@ -38,12 +38,18 @@ DEFAULTS: dict[str, Any] = {
         "cronMaxKeep": 3,
         # ours: how many safety copies of the data a full restore replaced are kept (0: none made)
         "preRestoreMaxKeep": 3,
+        # ours (issue 15): restic's generations for scheduled backups (all 0: cronMaxKeep applies)
+        "retention": {"keepLast": 0, "keepDaily": 0, "keepWeekly": 0, "keepMonthly": 0},
+        # ours (issue 15): alerts to a webhook on failures, and when no backup succeeded for a while
+        "notify": {"webhookURL": "", "onFailure": True, "staleAfterHours": 0},
         "s3": {"enabled": False, "bucket": "", "region": "", "endpoint": "", "accessKey": "", "secret": "",
                "forcePathStyle": False},
     },
     "trustedProxy": {"headers": [], "useLeftmostIP": False},
 }
 _SECRETS = (("backups", "s3", "secret"),)
+MAX_KEEP = 100_000
+MAX_STALE_HOURS = 24 * 366
 
 
 def is_valid_cron(expression: str) -> bool:
@@ -177,6 +183,21 @@ def validate(data: dict[str, Any]) -> dict[str, Any]:
         put("backups", "cronMaxKeep", "validation_min_greater_equal_than_required", "Must be no less than 0.")
     if backups["preRestoreMaxKeep"] < 0:
         put("backups", "preRestoreMaxKeep", "validation_min_greater_equal_than_required", "Must be no less than 0.")
+    retention = backups["retention"]
+    if check_types("backups", retention, DEFAULTS["backups"]["retention"], sub="retention"):
+        for key in DEFAULTS["backups"]["retention"]:
+            value = retention[key]
+            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_KEEP:
+                put("backups", key, "validation_out_of_range", f"Must be between 0 and {MAX_KEEP}.", sub="retention")
+    notify = backups["notify"]
+    if check_types("backups", notify, DEFAULTS["backups"]["notify"], sub="notify"):
+        url = notify["webhookURL"]
+        if isinstance(url, str) and url and (not URL_RE.match(url) or not url.lower().startswith(("http://", "https://"))):
+            put("backups", "webhookURL", "validation_is_url", "Must be a valid http(s) URL.", sub="notify")
+        hours = notify["staleAfterHours"]
+        if isinstance(hours, int) and not isinstance(hours, bool) and not 0 <= hours <= MAX_STALE_HOURS:
+            put("backups", "staleAfterHours", "validation_out_of_range", f"Must be between 0 and {MAX_STALE_HOURS}.",
+                sub="notify")
     s3 = backups["s3"]
     if check_types("backups", s3, DEFAULTS["backups"]["s3"], sub="s3") and s3["enabled"]:
         for key in ("bucket", "region", "endpoint", "accessKey", "secret"):

@@ -30,6 +30,9 @@ settings.register_profile("soak", max_examples=3000, deadline=None)
 settings.load_profile("soak" if SOAK else "default")
 
 
+CATALOG = ".pb_catalog.json"  # the backup catalog, kept beside the backups (issue 15)
+
+
 def rounds(quick: int, soak: int) -> int:
     """How many rounds a randomised test runs: ``quick`` in ``make test``, ``soak`` in ``make soak``."""
     return soak if SOAK else quick
@@ -306,7 +309,7 @@ class S3Server:
     def objects(self, bucket: str) -> list[str]:
         """The names of the files in ``bucket``, read from rclone's directory (not through S3)."""
         base = self.root / bucket
-        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and p.name != CATALOG)
 
     def settings(self, bucket: str, **overrides: Any) -> dict[str, Any]:
         """``backups.s3`` settings (enabled) for ``bucket`` on this server."""

@@ -172,7 +172,9 @@ def snapshot(env: Env) -> tuple[Any, ...]:
     temp = sorted(p.name for p in env.temp.iterdir())
     settings = env.http.get("/api/settings", headers=env.su)
     assert settings.status_code == 200, settings.text
-    return files, temp, settings.json(), env.status()
+    status = env.status()
+    status["storage"].pop("freeBytes", None)  # the disk's free space moves with everything else
+    return files, temp, settings.json(), status
 
 
 def assert_error_shape(env: Env, response: httpx.Response | tuple[int, bytes], statuses: tuple[int, ...],
@@ -506,6 +508,16 @@ ROUTES = [
     Route("DELETE /api/backups/{key}", lambda c, h, ctl: c.delete(f"/api/backups/{'missing.zip' if ctl else VICTIM}", headers=h), 404),
     Route("POST /api/backups/{key}/restore",
           lambda c, h, ctl: c.post(f"/api/backups/{'missing.zip' if ctl else VICTIM}/restore", headers=h), 400),
+    # the catalog (issue 15): the control request is harmless (a missing key, a dry run)
+    Route("GET /api/backups/{key}/info", lambda c, h, ctl: c.get(f"/api/backups/{'missing.zip' if ctl else VICTIM}/info",
+                                                                 headers=h), 404),
+    Route("POST /api/backups/{key}/pin", lambda c, h, ctl: c.post(f"/api/backups/{'missing.zip' if ctl else VICTIM}/pin",
+                                                                  headers=h), 404),
+    Route("DELETE /api/backups/{key}/pin", lambda c, h, ctl: c.delete(
+        f"/api/backups/{'missing.zip' if ctl else VICTIM}/pin", headers=h), 404),
+    Route("POST /api/backups/prune", lambda c, h, ctl: c.post("/api/backups/prune", headers=h,
+                                                              json={"keep": 0, "scope": "all", "dryRun": ctl}), 200),
+    Route("POST /api/backups/notify/test", lambda c, h, ctl: c.post("/api/backups/notify/test", headers=h), 400),
     Route("GET /api/settings", lambda c, h, ctl: c.get("/api/settings", headers=h), 200),
     Route("PATCH /api/settings", lambda c, h, ctl: c.patch(
         "/api/settings", headers=h, json={"backups": {"cron": "not a cron"}} if ctl else HOSTILE_SETTINGS), 400),

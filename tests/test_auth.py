@@ -505,7 +505,8 @@ def test_health_superuser(api: Api, su: dict[str, str]) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["message"] == "API is healthy." and body["code"] == 200
-    assert body["data"] == {"canBackup": True, "realIP": "127.0.0.1", "possibleProxyHeader": ""}
+    assert body["data"] == {"canBackup": True, "realIP": "127.0.0.1", "possibleProxyHeader": "",
+                            "backupStale": False}  # ours: backupStale (the catalog, issue 15)
 
 
 def test_health_superuser_behind_untrusted_proxy(api: Api, su: dict[str, str]) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import (ROOT, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, free_port,
+from conftest import (CATALOG, ROOT, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, free_port,
                       run_cli, wait_for)
 from test_backup_restore import MANIFEST, SAFETY_NAME, add_note, login, make_notes, notes, rewrite_zip, wait_idle
 
@@ -62,7 +62,7 @@ def temp_entries(data_dir: Path) -> list[str]:
 
 
 def local_keys(data_dir: Path) -> list[str]:
-    return sorted(p.name for p in (data_dir / "backups").iterdir())
+    return sorted(p.name for p in (data_dir / "backups").iterdir() if p.name != CATALOG)
 
 
 def new_data_dir(tmp: Path) -> Path:
@@ -374,11 +374,11 @@ def test_prune_keeps_the_newest_scheduled_backups_and_never_the_manual_ones(data
 
     result = ok(cli(data_dir, "prune", "--keep", "2"))
     assert result.stdout.splitlines() == [f"Deleted {key}" for key in reversed(auto[:3])]
-    assert "Kept the newest 2 scheduled (@auto_) backups; deleted 3." in result.stderr
+    assert "Kept the newest 2 unpinned scheduled (@auto_) backups: 3 deleted" in result.stderr
     assert local_keys(data_dir) == sorted(auto[3:] + manual)
 
     result = ok(cli(data_dir, "prune", "--keep", "2"))  # nothing more to do
-    assert result.stdout == "" and "deleted 0." in result.stderr
+    assert result.stdout == "" and ": 0 deleted" in result.stderr
 
     result = ok(cli(data_dir, "prune", "--keep", "0"))
     assert sorted(result.stdout.splitlines()) == sorted(f"Deleted {key}" for key in auto[3:])
@@ -395,7 +395,7 @@ def test_prune_keeps_the_newest_scheduled_backups_and_never_the_manual_ones(data
     assert AUTO_NAME.fullmatch(newest) and newest > manual[0]
     result = ok(cli(data_dir, "prune", "--all", "--keep", "1"))
     assert sorted(result.stdout.splitlines()) == sorted(f"Deleted {key}" for key in manual)
-    assert "Kept the newest 1 backups; deleted 3." in result.stderr
+    assert "Kept the newest 1 unpinned backups: 3 deleted" in result.stderr
     assert local_keys(data_dir) == [newest]
     assert sorted(entry["key"] for entry in logged(data_dir, "Backup pruned")) == sorted(auto + manual)
 

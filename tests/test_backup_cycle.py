@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, run_cli, wait_emptied, wait_gate_held
+from conftest import CATALOG, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, run_cli, wait_emptied, wait_gate_held
 from test_backup_restore import (
     SAFETY_NAME,
     MANIFEST,
@@ -68,7 +68,7 @@ class LocalStore(Store):
         pass  # the default
 
     def keys(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir()) if self.root.exists() else []
+        return sorted(p.name for p in self.root.iterdir() if p.name != CATALOG) if self.root.exists() else []
 
     def fetch(self, key: str) -> bytes:
         return (self.root / key).read_bytes()

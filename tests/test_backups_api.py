@@ -224,7 +224,7 @@ def test_list_items_sorted_by_key(api: Api, su: dict[str, str], server: ServerPr
     by_key = {item["key"]: item for item in items}
     assert set(keys) | {setup.first_key, setup.key} <= set(by_key)
     for item in items:
-        assert set(item) == {"key", "size", "modified"}, item
+        assert set(item) == {"key", "size", "modified", "pinned"}, item  # ours: pinned (issue 15)
         assert DATETIME_RE.match(item["modified"]), item
         on_disk = (server.data_dir / "backups" / item["key"]).stat()
         assert item["size"] == on_disk.st_size
@@ -345,7 +345,7 @@ def test_create_auto_name_and_status(fresh_server: ServerProcess, fresh_api: tup
         assert started - timedelta(seconds=1) <= stamp <= ended, (stamp, started, ended)
         assert DATETIME_RE.match(last["startedAt"]) and DATETIME_RE.match(last["finishedAt"]), last
         assert last["startedAt"] <= last["finishedAt"]
-        assert status["storage"] == {"kind": "local"}
+        assert status["storage"]["kind"] == "local" and status["storage"]["writable"] is True
         assert last["key"] in listed(api, su)
         assert (fresh_server.data_dir / "backups" / last["key"]).is_file()
         seen.append(last["key"])
@@ -874,9 +874,10 @@ def test_status(api: Api, su: dict[str, str], setup: Setup) -> None:
     response = api.http.get("/api/backups/status", headers=su)
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"active", "last", "storage"}
+    assert set(body) == {"active", "last", "storage", "stats"}
     assert body["active"] is None
-    assert body["storage"] == {"kind": "local"}
+    assert body["storage"]["kind"] == "local" and body["storage"]["writable"] is True
+    assert isinstance(body["storage"]["freeBytes"], int)
     last = body["last"]
     assert set(last) == {"op", "key", "ok", "error", "startedAt", "finishedAt"}
     assert (last["op"], last["key"], last["ok"], last["error"]) == ("create", key, True, None)

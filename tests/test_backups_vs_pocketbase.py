@@ -142,6 +142,9 @@ def backup_list(response: httpx.Response) -> Answer:
                 shown["size"] = "<size>"
             if isinstance(shown.get("modified"), str) and DATETIME_RE.match(shown["modified"]):
                 shown["modified"] = "<datetime>"
+            # ours: the list's one extra key (issue 15; the contract allows cheap extra keys), a bool
+            if isinstance(shown.get("pinned"), bool):
+                del shown["pinned"]
             items.append(shown)
         result["body"] = items
     return result

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
+from conftest import (CATALOG, 
     ROOT,
     SUPERUSER_EMAIL,
     SUPERUSER_PASSWORD,
@@ -221,7 +221,7 @@ def leftovers(server: ServerProcess) -> list[str]:
 
 
 def backup_files(server: ServerProcess) -> list[str]:
-    return sorted(p.name for p in (server.data_dir / "backups").iterdir())
+    return sorted(p.name for p in (server.data_dir / "backups").iterdir() if p.name != CATALOG)
 
 
 def assert_restore_refused_for_space(api: Api, su: dict[str, str], server: ServerProcess, key: str, storage: Path,

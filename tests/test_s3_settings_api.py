@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
+from conftest import (CATALOG, 
     SUPERUSER_EMAIL,
     SUPERUSER_PASSWORD,
     Api,
@@ -99,7 +99,7 @@ def backup_status(server: ServerProcess, headers: dict[str, str]) -> dict[str, A
 
 def local_backups(server: ServerProcess) -> list[str]:
     folder = server.data_dir / "backups"
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    return sorted(p.name for p in folder.iterdir() if p.name != CATALOG) if folder.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +309,8 @@ def test_switching_storage_without_restart(fresh_server: ServerProcess, s3_serve
     set_s3(http, headers, s3_server.settings(bucket))
     assert listed(fresh_server, headers) == []  # only what is in the bucket
     storage = backup_status(fresh_server, headers)["storage"]
-    assert storage == {"kind": "s3", "bucket": bucket, "region": "us-east-1", "endpoint": s3_server.url}
+    assert storage == {"kind": "s3", "bucket": bucket, "region": "us-east-1", "endpoint": s3_server.url,
+                       "writable": True}  # ours: writable, by a real write (issue 15)
 
     last = create_backup(fresh_server, headers, "remote1.zip")
     assert last["ok"] and last["error"] is None, last

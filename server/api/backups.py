@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 from email.utils import format_datetime as http_date
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from ..backups.notify import DeliveryError
 from ..backups.partial import parse_request as parse_restore_request
+from ..records import Requester
 from ..errors import BadRequest, Forbidden, NotFound, ValidationError, field_error
 from ..tools.multipart import MultipartError, file_part
 from ..tools.times import format_datetime
@@ -19,29 +22,76 @@ from .limits import BODY_LIMIT_KEY
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
+def _maker(who: Requester) -> dict[str, Any]:
+    record = who.record or {}
+    return {"kind": "superuser", "id": record.get("id", ""), "email": record.get("email", "")}
+
+
 async def list_backups(request: Request) -> Response:
     await require_superuser(request)
-    files = await get_app(request).backups.list()
-    return json_response([{"key": f.key, "size": f.size, "modified": format_datetime(f.modified)} for f in files])
+    files, pinned = await get_app(request).backups.list_with_pins()
+    # The SDK's shape; ours: "pinned" (from one read of the catalog) where the catalog could be read.
+    return json_response([{"key": f.key, "size": f.size, "modified": format_datetime(f.modified),
+                           **({"pinned": f.key in pinned} if pinned is not None else {})} for f in files])
 
 
 async def status(request: Request) -> Response:
     await require_superuser(request)
-    return json_response(get_app(request).backups.status())
+    return json_response(await get_app(request).backups.status())
+
+
+async def info(request: Request) -> Response:
+    await require_superuser(request)
+    return json_response(await get_app(request).backups.info(request.path_params["key"]))
+
+
+async def pin(request: Request) -> Response:
+    await require_superuser(request)
+    await get_app(request).backups.set_pinned(request.path_params["key"], request.method == "POST")
+    return no_content()
+
+
+async def prune(request: Request) -> Response:
+    await require_superuser(request)
+    body = await read_json(request)
+    errors: dict[str, Any] = {}
+    keep = body.get("keep")
+    if keep is None:
+        errors["keep"] = field_error("validation_required", "Cannot be blank.")
+    elif not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+        errors["keep"] = field_error("validation_min_greater_equal_than_required", "Must be an integer no less than 0.")
+    scope = body.get("scope", "scheduled")
+    if scope not in ("scheduled", "all"):
+        errors["scope"] = field_error("validation_in_invalid", 'Must be "scheduled" or "all".')
+    dry_run = body.get("dryRun", False)
+    if not isinstance(dry_run, bool):
+        errors["dryRun"] = field_error("validation_invalid_value", "Must be true or false.")
+    if errors:
+        raise ValidationError(errors)
+    return json_response(await get_app(request).backups.prune_backups(keep, scope, dry_run))
+
+
+async def notify_test(request: Request) -> Response:
+    await require_superuser(request)
+    try:
+        await get_app(request).backups.notifier.test()
+    except DeliveryError as exc:
+        raise BadRequest(f"The test event was not delivered: {exc}.") from None
+    return no_content()
 
 
 async def create_backup(request: Request) -> Response:
-    await require_superuser(request)
+    who = await require_superuser(request)
     body = await read_json(request)
     name = body.get("name") or ""
     if not isinstance(name, str):
         raise BadRequest("An error occurred while loading the submitted data.")
-    await get_app(request).backups.start_create(name or None)
+    await get_app(request).backups.start_create(name or None, created_by=_maker(who))
     return no_content()
 
 
 async def upload_backup(request: Request) -> Response:
-    await require_superuser(request)
+    who = await require_superuser(request)
     request.scope[BODY_LIMIT_KEY] = None  # no size limit: the body is streamed to disk
     declared = request.headers.get("content-length", "")
     try:
@@ -49,7 +99,8 @@ async def upload_backup(request: Request) -> Response:
         if part is None:
             raise ValidationError({"file": field_error("validation_required", "Cannot be blank.")})
         filename, chunks = part
-        await get_app(request).backups.upload(filename, chunks, int(declared) if declared.isdigit() else None)
+        await get_app(request).backups.upload(filename, chunks, int(declared) if declared.isdigit() else None,
+                                              uploaded_by=_maker(who))
     except MultipartError as exc:
         raise BadRequest("Failed to load the submitted data due to invalid formatting.") from exc
     except ClientDisconnect:

@@ -13,5 +13,6 @@ async def health(request: Request) -> Response:
     if who.is_superuser:
         app = request.app.state.core
         real_ip, proxy_header = client_ip(request, app.settings.data["trustedProxy"])
-        body["data"] = {"canBackup": app.backups.can_backup, "realIP": real_ip, "possibleProxyHeader": proxy_header}
+        body["data"] = {"canBackup": app.backups.can_backup, "realIP": real_ip, "possibleProxyHeader": proxy_header,
+                        "backupStale": app.backups.backup_stale}  # ours (issue 15)
     return json_response(body)

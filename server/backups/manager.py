@@ -17,6 +17,7 @@ import re
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -36,9 +37,12 @@ from ..storage.s3_uploads import RECORD_FILE, UploadRecords
 from ..tools.memory import release_free_memory
 from ..tools.security import random_string
 from ..tools.threads import background_pool
-from ..tools.times import format_datetime
+from ..tools.times import format_datetime, parse_datetime
 from ..values import error
-from . import archive, partial, restore
+from .. import __version__
+from . import archive, catalog, partial, restore
+from .catalog import Catalog, CatalogError, CatalogFile
+from .notify import Notifier
 from .lock import ProcessLock
 from .restore import Outcome
 
@@ -53,6 +57,8 @@ AUTO_PREFIX = "@auto_"  # scheduled backups: @auto_pb_backup_<app>_<UTC timestam
 PRE_RESTORE_PREFIX = "@pre_restore_"  # ours: the data a full restore replaced, @pre_restore_<app>_<UTC timestamp>.zip
 _AUTO_ORDER_RE = re.compile(r"_(\d{14})(?:_(\d+))?\.zip$")
 MAX_NAME_LENGTH = 150
+STATUS_STORAGE_TIMEOUT = 3.0  # seconds the status waits for the storage's list (an S3 that hangs)
+WRITABLE_TTL = 30.0  # seconds a storage's write check stays good (status is polled by dashboards)
 BUSY_MESSAGE = "Try again later - another backup/restore process has already been started."
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
@@ -131,6 +137,7 @@ class Job:
     request: partial.RestoreRequest | None = None
     summary: dict[str, Any] | None = None
     verified: str | None = None  # a restore's verification tier, once it passed (``archive.tier``)
+    created_by: dict[str, Any] | None = None  # a backup's maker, for the catalog (``catalog.creator``)
 
     def advance(self, count: int) -> None:
         self.bytes_done += count  # from a worker thread; a plain int update is safe enough here
@@ -171,6 +178,14 @@ class BackupManager:
         self.on_restore_ready: Callable[[RestoreReady], Awaitable[None]] | None = None
         # Set by the App: a partial restore rewrites collections and reloads their definitions.
         self.collections: CollectionStore | None = None
+        # Pins, the makers of uploads and the last successes, kept with the backups (issue 15).
+        self.catalog = CatalogFile()
+        self.backup_stale = False  # no backup succeeded for staleAfterHours (health; set by stats)
+        self.started_at = datetime.now(timezone.utc)
+        self._writable_checked: tuple[Any, float, bool] | None = None
+        self.notifier = Notifier(lambda: self.settings.data["backups"]["notify"], lambda: self.settings.app_name,
+                                 lambda event, reason: self.logs.add(WARN, "Backup alert not delivered",
+                                                                     {"event": event, "error": reason}))
 
     # --- storage ---------------------------------------------------------------------------
 
@@ -207,9 +222,17 @@ class BackupManager:
         self.lock.release_job()
         return True
 
-    def status(self) -> dict[str, Any]:
-        return {"active": self.active.to_json() if self.active else None, "last": self.last,
-                "storage": self.storage().describe()}
+    async def status(self) -> dict[str, Any]:
+        storage = self.storage()
+        out: dict[str, Any] = {"active": self.active.to_json() if self.active else None, "last": self.last,
+                               "storage": storage.describe(), "stats": None}
+        try:
+            out["stats"] = await asyncio.wait_for(self.stats(storage), STATUS_STORAGE_TIMEOUT)
+        except (asyncio.TimeoutError, StorageError, CatalogError, OSError) as exc:
+            out["statsError"] = describe_error(exc) if not isinstance(exc, asyncio.TimeoutError) else \
+                "the storage did not answer in time"
+        out["storage"].update(await self._storage_health(storage))
+        return out
 
     def record_restore_outcome(self, outcome: Outcome) -> None:
         self.last = {"op": "restore", "key": outcome.key, "ok": outcome.ok, "error": outcome.error,
@@ -217,8 +240,10 @@ class BackupManager:
                      "verified": outcome.verified}
         if outcome.ok:
             self.logs.info("Backup restored", key=outcome.key)
+            asyncio.ensure_future(self._remember_success(Job("restore", outcome.key)))
         else:
             self.logs.error("Backup restore failed", key=outcome.key, error=outcome.error or "")
+            self.notify_event("failure", "restore", outcome.key, outcome.error or "")
 
     # --- the lock --------------------------------------------------------------------------
 
@@ -241,6 +266,14 @@ class BackupManager:
 
     def _release(self, job: Job, error: BaseException | None) -> None:
         self._record(job, error)
+        self._writable_checked = None  # the storage is checked again at the next status
+        if job.op == "restore" and (job.request is None or not job.request.dry_run):
+            if error is None:
+                asyncio.ensure_future(self._remember_success(job))
+            elif not isinstance(error, asyncio.CancelledError):
+                self.notify_event("failure", job.op, job.key, self.last["error"])
+        elif job.op == "create" and error is not None and not isinstance(error, asyncio.CancelledError):
+            self.notify_event("failure", job.op, job.key, self.last["error"])
         if isinstance(error, ApiError) and error.status < 500:
             # Refused input (an upload that is not a backup): the client was told; a warning here.
             self.logs.add(WARN, f"Backup {job.op} refused", {"key": job.key, "error": self.last["error"]})
@@ -327,24 +360,35 @@ class BackupManager:
     async def delete(self, key: str) -> None:
         if self.active is not None and self.active.key == key:
             raise BadRequest("The backup is in use by a running backup or restore; try again later.")
+        storage = self.storage()
         with _storage_failure("Failed to delete the backup."):
+            if (await self._read_catalog(storage)).pinned(key):
+                if await self.stat(key) is None:
+                    raise NotFound()
+                raise BadRequest("The backup is pinned: unpin it first.")
             try:
-                await self.storage().delete(key)
+                await storage.delete(key)
             except (InvalidKey, StoredFileMissing):
                 raise NotFound() from None
+        await self._forget(storage, [key])
 
     # --- create ----------------------------------------------------------------------------
 
-    async def start_create(self, name: str | None = None, prefix: str = "") -> str:
-        """Validate, take the lock and start a backup in the background; returns its key."""
+    async def start_create(self, name: str | None = None, prefix: str = "",
+                           created_by: dict[str, Any] | None = None) -> str:
+        """Validate, take the lock and start a backup in the background; returns its key.
+
+        ``created_by``: who asks (``catalog.creator``), recorded in the manifest."""
         with _storage_failure("Failed to create backup."):
             key, job = await self._begin_create(name, prefix)
+        job.created_by = created_by
         self._spawn(job, self._create(job))
         return key
 
-    async def create(self, name: str | None = None, prefix: str = "") -> str:
+    async def create(self, name: str | None = None, prefix: str = "",
+                     created_by: dict[str, Any] | None = None) -> str:
         """A backup, awaited to its end (the scheduler and CLI); raises if it failed."""
-        key = await self.start_create(name, prefix)
+        key = await self.start_create(name, prefix, created_by)
         await self.wait()
         if self.last is None or self.last["key"] != key or not self.last["ok"]:
             raise BadRequest(f"The backup failed: {self.last['error'] if self.last else 'unknown error'}")
@@ -355,10 +399,12 @@ class BackupManager:
         newest ``cronMaxKeep`` of those are kept. A run that finds a job active is skipped (and
         logged); a failure is logged and shown in ``status().last``."""
         try:
-            key = await self.start_create(prefix=AUTO_PREFIX)
+            key = await self.start_create(prefix=AUTO_PREFIX, created_by={"kind": "scheduler"})
         except Busy:
             logger.warning("scheduled backup skipped: another backup/restore is running")
             self.logs.add(WARN, "Scheduled backup skipped: another backup/restore process is running", {})
+            self.notify_event("skipped", "create", AUTO_PREFIX + "pb_backup",
+                              "another backup/restore process is running")
             return
         except ApiError as exc:  # the storage cannot be used: no job started, so say it here
             self._record(Job("create", AUTO_PREFIX + "pb_backup"), exc)
@@ -368,32 +414,10 @@ class BackupManager:
         await self.wait()
         if self.last is None or self.last["key"] != key or not self.last["ok"]:
             return  # logged and recorded by the job itself
-        keep = int(self.settings.data["backups"]["cronMaxKeep"])
-        if keep > 0:
-            try:
-                await self.prune(keep)
-            except ApiError as exc:
-                self.logs.error("Pruning scheduled backups failed", error=exc.message)
-
-    async def prune(self, keep: int, prefix: str = AUTO_PREFIX) -> list[str]:
-        """Delete all but the newest ``keep`` backups whose key starts with ``prefix`` (by default the
-        scheduled ones: manual and uploaded backups are never pruned). Returns the deleted keys."""
-        if keep < 0:
-            raise ValueError("keep must be >= 0")
-        with _storage_failure("Failed to retrieve backup items."):
-            found = await self.storage().list(prefix)
-        newest_first = sorted(found, key=_age_order, reverse=True)
-        deleted = []
-        for info in newest_first[keep:]:
-            if self.active is not None and self.active.key == info.key:
-                continue
-            try:
-                await self.delete(info.key)
-            except NotFound:
-                continue  # deleted meanwhile
-            deleted.append(info.key)
-            self.logs.info("Backup pruned", key=info.key)
-        return deleted
+        try:
+            await self.apply_retention()
+        except ApiError as exc:
+            self.logs.error("Pruning scheduled backups failed", error=exc.message)
 
     async def _begin_create(self, name: str | None, prefix: str) -> tuple[str, Job]:
         if self.active is not None:
@@ -436,12 +460,16 @@ class BackupManager:
             # The databases are in; the snapshots are released so the WAL can be checkpointed again.
             for source in files:
                 await _in_background(zipper.add, source, True)
-            await _in_background(zipper.finish, {"app": self.settings.app_name, "collections": counts})
+            await _in_background(zipper.finish, {"app": self.settings.app_name, "collections": counts,
+                                                 "serverVersion": __version__,
+                                                 **({"createdBy": job.created_by} if job.created_by else {})})
         self.logs.info("Backup created", key=job.key, size=writer.bytes_written)
+        await self._remember_success(job, fresh_key=True)
 
     # --- upload ----------------------------------------------------------------------------
 
-    async def upload(self, filename: str, chunks: AsyncIterable[bytes], declared_size: int | None = None) -> str:
+    async def upload(self, filename: str, chunks: AsyncIterable[bytes], declared_size: int | None = None,
+                     uploaded_by: dict[str, Any] | None = None) -> str:
         """Store an uploaded backup: streamed to a temp file, checked, then published."""
         problem = name_errors(filename)
         if problem is not None:
@@ -472,6 +500,13 @@ class BackupManager:
             except StoredFileExists:
                 raise _name_exists() from None
             self.logs.info("Backup uploaded", key=filename, size=job.bytes_done)
+            maker = {"kind": "upload", **{k: v for k, v in (uploaded_by or {}).items() if k in ("id", "email")}}
+            uploaded = format_datetime(datetime.now(timezone.utc))
+
+            def edit(found: Catalog) -> None:
+                found.backups[filename] = {"createdBy": maker, "uploadedAt": uploaded}
+
+            await self._note(storage, edit)
             return filename
         except BaseException as exc:
             error = exc
@@ -612,6 +647,276 @@ class BackupManager:
                                                  self._plan_safety_copy()))
         return True  # the job now belongs to the restart: the lock stays taken until the re-exec
 
+    # --- alerts ---------------------------------------------------------------------------
+
+    def notify_event(self, event: str, op: str, key: str, error: str | None) -> None:
+        """A failure or a skipped scheduled run, to the webhook (in the background)."""
+        self.notifier.send(event, op, key, error)
+
+    async def check_stale(self) -> bool:
+        """Whether no backup has succeeded for ``staleAfterHours``; the first time it is so (per
+        last backup), the "stale" event goes out. Called periodically by the server."""
+        storage = self.storage()
+        found = await self._read_catalog(storage)
+        files = await storage.list()
+        self.backup_stale = self._stale(found, files)
+        if not self.backup_stale:
+            return False
+        since = self._last_backup_time(found, files)
+        marker = format_datetime(since) if since is not None else "never:" + format_datetime(self.started_at)
+        if found.stale_alerted == marker:
+            return True
+        hours = self.settings.data["backups"]["notify"]["staleAfterHours"]
+        last = found.last_backup or ({"key": None, "finishedAt": format_datetime(since)} if since else None)
+        self.notifier.send("stale", "create", (last or {}).get("key") or "",
+                           f"no backup has succeeded for {hours} hours", lastBackup=last, staleAfterHours=hours)
+
+        def edit(changed: Catalog) -> None:
+            changed.stale_alerted = marker
+
+        await self._note(storage, edit)
+        self.logs.add(WARN, "No backup has succeeded recently", {"staleAfterHours": hours})
+        return True
+
+    # --- the catalog: facts, pins, stats, prune and retention (issue 15) -------------------
+
+    async def _read_catalog(self, storage: Storage) -> Catalog:
+        return await self.catalog.read(storage)
+
+    async def _forget(self, storage: Storage, keys: list[str], locked: bool = False) -> None:
+        """Drop the catalog's facts of deleted backups. Best effort: a leftover entry is reset by the
+        next backup of that name."""
+
+        def edit(found: Catalog) -> None:
+            for key in keys:
+                found.backups.pop(key, None)
+
+        try:
+            known = (await self._read_catalog(storage)).backups
+            if not any(key in known for key in keys):
+                return
+            await (self.catalog.change_locked(storage, edit) if locked else self.catalog.change(storage, edit))
+        except (StorageError, OSError) as exc:
+            logger.warning("could not update the backup catalog: %s", describe_error(exc))
+
+    async def _note(self, storage: Storage, edit: Callable[[Catalog], Any]) -> None:
+        """A change of the catalog that must never fail a job (logged when the storage refuses it)."""
+        try:
+            await self.catalog.change(storage, edit)
+        except (StorageError, OSError) as exc:
+            logger.warning("could not update the backup catalog: %s", describe_error(exc))
+            self.logs.add(WARN, "Could not update the backup catalog", {"error": describe_error(exc)})
+
+    async def _remember_success(self, job: Job, fresh_key: bool = False) -> None:
+        finished = format_datetime(datetime.now(timezone.utc))
+
+        def edit(found: Catalog) -> None:
+            if fresh_key:
+                found.backups.pop(job.key, None)  # a deleted backup's pin never passes to a new one
+            found.last_success = {"op": job.op, "key": job.key, "finishedAt": finished}
+            if job.op == "create":
+                found.last_backup = {"key": job.key, "finishedAt": finished}
+                found.stale_alerted = None
+
+        await self._note(self.storage(), edit)
+        if job.op == "create":
+            self.backup_stale = False
+
+    async def set_pinned(self, key: str, pinned: bool) -> None:
+        """Pin (retention and prune never remove it, delete is refused) or unpin a backup."""
+        if await self.stat(key) is None:
+            raise NotFound()
+
+        def edit(found: Catalog) -> None:
+            entry = found.backups.setdefault(key, {})
+            if pinned:
+                entry["pinned"] = True
+            else:
+                entry.pop("pinned", None)
+                if not entry:
+                    found.backups.pop(key, None)
+
+        with _storage_failure("Failed to pin the backup." if pinned else "Failed to unpin the backup."):
+            await self.catalog.change(self.storage(), edit)
+        self.logs.info("Backup pinned" if pinned else "Backup unpinned", key=key)
+
+    async def list_with_pins(self) -> tuple[list[FileInfo], set[str] | None]:
+        """The backups, and the pinned keys (None if the catalog cannot be read: the list still answers)."""
+        files = await self.list()
+        try:
+            found = await self._read_catalog(self.storage())
+        except (StorageError, OSError) as exc:
+            logger.warning("could not read the backup catalog: %s", describe_error(exc))
+            return files, None
+        return files, {key for key, entry in found.backups.items() if entry.get("pinned")}
+
+    async def info(self, key: str) -> dict[str, Any]:
+        """What the backup ``key`` holds, from its zip directory and manifest (``catalog.describe_archive``)."""
+        storage = self.storage()
+        stat = await self.stat(key)
+        if stat is None:
+            raise NotFound()
+
+        def read() -> dict[str, Any]:
+            with storage.open_ranged(key) as handle:
+                return catalog.describe_archive(handle)
+
+        with _storage_failure("Failed to read the backup."):
+            found = await self._read_catalog(storage)
+            try:
+                facts = await asyncio.to_thread(read)
+            except StoredFileMissing:
+                raise NotFound() from None
+            except archive.ArchiveError as exc:
+                raise BadRequest(f"The backup cannot be read: {exc}.") from None
+        entry = found.backups.get(key, {})
+        created_by = catalog.creator(entry.get("createdBy")) or facts["createdBy"] or catalog.kind_by_name(key)
+        return {"key": key, "size": stat.size, "modified": format_datetime(stat.modified),
+                "createdAt": facts["createdAt"] or format_datetime(stat.modified), "createdBy": created_by,
+                "appName": facts["appName"], "serverVersion": facts["serverVersion"], "format": facts["format"],
+                "encrypted": facts["encrypted"], "pinned": bool(entry.get("pinned")),
+                "databases": facts["databases"], "files": facts["files"], "collections": facts["collections"]}
+
+    async def stats(self, storage: Storage | None = None) -> dict[str, Any]:
+        storage = storage or self.storage()
+        files = await storage.list()
+        found = await self._read_catalog(storage)
+        ordered = sorted(files, key=_age_order)
+
+        def brief(info: FileInfo | None) -> dict[str, Any] | None:
+            return None if info is None else {"key": info.key, "modified": format_datetime(info.modified)}
+
+        self.backup_stale = self._stale(found, files)
+        return {"count": len(files), "totalSize": sum(info.size for info in files),
+                "oldest": brief(ordered[0] if ordered else None), "newest": brief(ordered[-1] if ordered else None),
+                "lastSuccess": found.last_success, "lastBackup": found.last_backup,
+                "nextScheduled": self.next_scheduled(), "stale": self.backup_stale}
+
+    def next_scheduled(self) -> str | None:
+        expression = self.settings.data["backups"]["cron"]
+        if not expression:
+            return None
+        from croniter import croniter
+
+        moment = croniter(expression, datetime.now(timezone.utc)).get_next(datetime)
+        return format_datetime(moment)
+
+    def _last_backup_time(self, found: Catalog, files: list[FileInfo]) -> datetime | None:
+        """When a backup of this server last succeeded: the catalog's record, else the newest backup
+        the server made (not an upload, not a safety copy) in the storage."""
+        recorded = (found.last_backup or {}).get("finishedAt")
+        if isinstance(recorded, str):
+            parsed = parse_datetime(recorded)
+            if parsed is not None:
+                return parsed
+        made = [info.modified for info in files if not info.key.startswith(PRE_RESTORE_PREFIX)
+                and ((found.backups.get(info.key) or {}).get("createdBy") or {}).get("kind") != "upload"]
+        return max(made) if made else None
+
+    def _stale(self, found: Catalog, files: list[FileInfo]) -> bool:
+        hours = float(self.settings.data["backups"]["notify"]["staleAfterHours"] or 0)
+        if hours <= 0:
+            return False
+        since = self._last_backup_time(found, files) or self.started_at  # never: counted from the start
+        return (datetime.now(timezone.utc) - since).total_seconds() > hours * 3600
+
+    async def _storage_health(self, storage: Storage) -> dict[str, Any]:
+        """``writable`` by a real write (kept ``WRITABLE_TTL`` seconds), ``freeBytes`` where local."""
+        identity = (storage.kind, repr(storage.describe()))
+        checked = self._writable_checked
+        if checked is None or checked[0] != identity or time.monotonic() - checked[1] > WRITABLE_TTL:
+            try:
+                await asyncio.wait_for(storage.check_writable(), STATUS_STORAGE_TIMEOUT)
+                writable = True
+            except (asyncio.TimeoutError, StorageError, OSError):
+                writable = False
+            checked = self._writable_checked = (identity, time.monotonic(), writable)
+        out: dict[str, Any] = {"writable": checked[2]}
+        try:
+            free = await storage.free_bytes()
+        except OSError:
+            free = None
+        if free is not None:
+            out["freeBytes"] = free
+        return out
+
+    async def prune_backups(self, keep: int, scope: str = "scheduled", dry_run: bool = False) -> dict[str, Any]:
+        """The prune route: all but the newest ``keep`` backups of ``scope`` ("scheduled": the
+        ``@auto_`` ones; "all"), never a pinned one, under the job lock. ``dry_run``: what would go."""
+        job = self._acquire("prune", "")
+        try:
+            return await self._prune(lambda newest_first: newest_first[keep:], "" if scope == "all" else AUTO_PREFIX,
+                                     dry_run)
+        finally:
+            self._writable_checked = None
+            if self.active is job:
+                self.active = None
+                self.lock.release_job()
+
+    async def prune(self, keep: int, prefix: str = AUTO_PREFIX) -> list[str]:
+        """Delete all but the newest ``keep`` backups whose key starts with ``prefix`` (by default the
+        scheduled ones: manual and uploaded backups are never pruned), never a pinned one. Returns
+        the deleted keys."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        return (await self._prune(lambda newest_first: newest_first[keep:], prefix, False))["deleted"]
+
+    async def apply_retention(self) -> list[str]:
+        """After a scheduled backup: ``backups.retention`` (restic's generations) where it is set,
+        else the newest ``cronMaxKeep`` (0: all), as PocketBase does."""
+        settings = self.settings.data["backups"]
+        retention = settings.get("retention")
+        if catalog.retention_set(retention):
+            def doomed(newest_first: list[FileInfo]) -> list[FileInfo]:
+                kept = catalog.retained(((info, _age_order(info)[0]) for info in newest_first), retention)
+                return [info for info in newest_first if info.key not in kept]
+
+            return (await self._prune(doomed, AUTO_PREFIX, False))["deleted"]
+        keep = int(settings["cronMaxKeep"])
+        return await self.prune(keep) if keep > 0 else []
+
+    async def _prune(self, choose: Callable[[list[FileInfo]], list[FileInfo]], prefix: str,
+                     dry_run: bool) -> dict[str, Any]:
+        """Delete what ``choose`` picks from the unpinned, idle backups of ``prefix`` (newest first).
+
+        Everything is decided from one complete listing before the first deletion, so a failure
+        (the listing, the catalog, a deletion) can only leave fewer deletions done, never a backup
+        deleted that should be kept. Pins wait for the end (the catalog's lock is held)."""
+        storage = self.storage()
+        with _storage_failure("Failed to retrieve backup items."):
+            found = await storage.list()
+        async with self.catalog.lock:
+            with _storage_failure("Failed to read the backup catalog."):
+                known = await self._read_catalog(storage)
+            busy = self.active.key if self.active is not None else None
+            candidates = [info for info in found if info.key.startswith(prefix) and not known.pinned(info.key)]
+            # A busy backup (the one being written) counts among the kept, and is never deleted.
+            doomed = [info for info in choose(sorted(candidates, key=_age_order, reverse=True)) if info.key != busy]
+            deleted: list[str] = []
+            freed = 0
+            if dry_run:
+                deleted, freed = [info.key for info in doomed], sum(info.size for info in doomed)
+            else:
+                try:
+                    for info in doomed:
+                        try:
+                            with _storage_failure(f"Failed to delete {info.key} ({len(deleted)} deleted before it)."):
+                                try:
+                                    faults.raise_point("prune-delete")
+                                except faults.InjectedFault as exc:
+                                    raise StorageError(str(exc)) from None
+                                await storage.delete(info.key)
+                        except StoredFileMissing:
+                            continue  # deleted meanwhile
+                        faults.point("prune-deleted")
+                        deleted.append(info.key)
+                        freed += info.size
+                        self.logs.info("Backup pruned", key=info.key)
+                finally:
+                    if deleted:
+                        await self._forget(storage, deleted, locked=True)
+        return {"before": len(found), "after": len(found) - len(deleted), "deleted": deleted, "freedBytes": freed}
+
     # --- the safety copy of the data a restore replaces --------------------------------------
 
     @property
@@ -723,6 +1028,7 @@ class BackupManager:
             else:
                 logger.error("the safety copy %s of the replaced data failed: %s", key, reason)
                 self.logs.error("Safety copy of the replaced data failed", key=key, error=reason or "")
+                self.notify_event("failure", "create", key, f"the safety copy of the replaced data failed: {reason}")
                 if replacing:
                     raise BadRequest("The data replaced by the previous restore could not be saved as the backup "
                                      f"{key}, so it is kept and nothing was changed: {reason}") from error

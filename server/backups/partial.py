@@ -65,7 +65,6 @@ from ..tools.times import format_datetime, now
 from . import archive
 
 if TYPE_CHECKING:
-    from ..collections import CollectionStore
     from ..database import Database
     from .manager import BackupManager, Job
 

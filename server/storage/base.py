@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 CHUNK_SIZE = 1 << 20
 MAX_KEY_LENGTH = 255
@@ -18,6 +18,8 @@ MAX_KEY_LENGTH = 255
 # status files), so a key can never name a path outside the store or one of its working files.
 Progress = Callable[[int], None]
 _KEY_RE = re.compile(r"^[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]*$")
+# The store's own small files (the catalog): a leading dot, so that no key and no listing meets them.
+_META_RE = re.compile(r"^\.[a-z0-9_]+\.json$")
 
 
 class StorageError(Exception):
@@ -44,6 +46,12 @@ def check_key(key: str) -> str:
     if not key or size > MAX_KEY_LENGTH or not _KEY_RE.fullmatch(key) or key in (".", ".."):
         raise InvalidKey("invalid key")
     return key
+
+
+def check_meta_name(name: str) -> str:
+    if not _META_RE.fullmatch(name):
+        raise InvalidKey("invalid metadata name")
+    return name
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,32 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
         """Remove ``key``; ``StoredFileMissing`` if it is not there."""
+
+    @abc.abstractmethod
+    def open_ranged(self, key: str) -> BinaryIO:
+        """A seekable, read-only file of ``key`` whose reads fetch only what they need (a ranged
+        GET on S3), for reading an archive's directory without the whole archive. Blocking: use it
+        in a worker thread (``StoredFileMissing`` if absent)."""
+
+    @abc.abstractmethod
+    async def read_meta(self, name: str) -> bytes | None:
+        """The store's own small file ``name`` (``.something.json``, never a key); None if absent."""
+
+    @abc.abstractmethod
+    async def write_meta(self, name: str, data: bytes) -> None:
+        """Replace the small file ``name`` atomically (a reader sees the old or the new bytes)."""
+
+    async def check_writable(self) -> None:
+        """Write and remove a small file; raises ``StorageError`` (or ``OSError``) if it cannot."""
+        await self.write_meta(".pb_write_test.json", b"{}")
+        await self.delete_meta(".pb_write_test.json")
+
+    @abc.abstractmethod
+    async def delete_meta(self, name: str) -> None: ...
+
+    async def free_bytes(self) -> int | None:
+        """Free space where the store can tell (a local disk); None elsewhere."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """What a client may know of this storage (never a secret)."""

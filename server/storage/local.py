@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,8 @@ from typing import Any, BinaryIO
 
 from ..tools.fsync import fsync_dir
 from ..tools.security import random_string
-from .base import CHUNK_SIZE, FileInfo, Progress, Storage, StorageError, StoredFileExists, StoredFileMissing, Writer, check_key
+from .base import (CHUNK_SIZE, FileInfo, Progress, Storage, StorageError, StoredFileExists, StoredFileMissing, Writer,
+                   check_key, check_meta_name)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -217,3 +219,52 @@ class LocalStorage(Storage):
             await asyncio.to_thread(path.unlink)
         except (FileNotFoundError, IsADirectoryError):
             raise StoredFileMissing("no such file") from None
+
+    def open_ranged(self, key: str) -> BinaryIO:
+        try:
+            return _open_regular(self._path(key))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StoredFileMissing("no such file") from None
+
+    async def read_meta(self, name: str) -> bytes | None:
+        path = self.root / check_meta_name(name)
+
+        def read() -> bytes | None:
+            try:
+                with _open_regular(path) as handle:
+                    return handle.read()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+
+        return await asyncio.to_thread(read)
+
+    async def write_meta(self, name: str, data: bytes) -> None:
+        path = self.root / check_meta_name(name)
+
+        def write() -> None:
+            self._ensure_dirs()
+            temp = self.root / f"{name}.{random_string(8)}.tmp"
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, path)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            fsync_dir(self.root)
+
+        await asyncio.to_thread(write)
+
+    async def delete_meta(self, name: str) -> None:
+        path = self.root / check_meta_name(name)
+        await asyncio.to_thread(path.unlink, True)
+
+    async def free_bytes(self) -> int | None:
+        def free() -> int:
+            place = self.root if self.root.is_dir() else self.root.parent
+            return shutil.disk_usage(place).free
+
+        return await asyncio.to_thread(free)

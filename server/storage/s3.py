@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import io
 import os
 import threading
 from collections import deque
@@ -40,7 +41,8 @@ from botocore.exceptions import (
 
 from ..tools.security import random_string
 from .s3_uploads import UploadRecords
-from .base import CHUNK_SIZE, FileInfo, Progress, Storage, StorageError, StoredFileExists, StoredFileMissing, Writer, check_key
+from .base import (CHUNK_SIZE, FileInfo, Progress, Storage, StorageError, StoredFileExists, StoredFileMissing, Writer,
+                   check_key, check_meta_name)
 
 logger = logging.getLogger("server.storage.s3")
 
@@ -526,6 +528,105 @@ class S3Storage(Storage):
 
         await _in_thread(run)
 
+    def open_ranged(self, key: str) -> io.BufferedReader:
+        info = self.stat_sync(key)
+        if info is None:
+            raise StoredFileMissing("no such file")
+        return io.BufferedReader(RangedObject(self, key, info.size), buffer_size=64 << 10)
+
+    async def read_meta(self, name: str) -> bytes | None:
+        check_meta_name(name)
+
+        def get() -> bytes | None:
+            try:
+                answer = self.client().get_object(Bucket=self.config.bucket, Key=name)
+                return answer["Body"].read()
+            except ClientError as exc:
+                if _is_missing(exc):
+                    return None
+                raise explain(exc, self.config) from None
+            except Exception as exc:
+                raise explain(exc, self.config) from None
+
+        return await _in_thread(get)
+
+    async def write_meta(self, name: str, data: bytes) -> None:
+        check_meta_name(name)
+        await _in_thread(functools.partial(self.call, self.client().put_object, Bucket=self.config.bucket, Key=name,
+                                           Body=data, ContentType="application/json"))
+
+    async def delete_meta(self, name: str) -> None:
+        check_meta_name(name)
+        await _in_thread(functools.partial(self.call, self.client().delete_object, Bucket=self.config.bucket, Key=name))
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "bucket": self.config.bucket, "region": self.config.region,
                 "endpoint": self.config.endpoint}
+
+
+class RangedObject(io.RawIOBase):
+    """A seekable read-only view of one object: each read that misses the cache is one ranged GET.
+
+    The first read within the object's last ``TAIL`` bytes fetches all of them: a zip keeps its
+    directory and our manifest there, so reading both usually costs one request; other misses
+    fetch at least ``BLOCK`` bytes. Blocking: use it in a worker thread."""
+
+    TAIL = 1 << 20
+    BLOCK = 256 << 10
+    MOST = 4 << 20  # a read returns at most this much (memory stays bounded); callers loop
+
+    def __init__(self, storage: S3Storage, key: str, size: int) -> None:
+        super().__init__()
+        self._storage, self._key, self._size = storage, key, size
+        self._pos = 0
+        self._spans: list[tuple[int, bytes]] = []  # (start, bytes), at most a few
+        self._tail_fetched = False
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._size - self._pos, self.MOST)
+        if want <= 0:
+            return 0
+        data = self._cached(self._pos, want)
+        if data is None:
+            start = self._pos
+            if not self._tail_fetched and self._size - start <= self.TAIL:
+                start, self._tail_fetched = max(0, self._size - self.TAIL), True
+            end = min(self._size, max(self._pos + want, start + self.BLOCK))
+            self._fetch(start, end)
+            data = self._cached(self._pos, want)
+            assert data is not None
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def _cached(self, pos: int, want: int) -> bytes | None:
+        for start, data in self._spans:
+            if start <= pos and pos + want <= start + len(data):
+                return data[pos - start:pos - start + want]
+        return None
+
+    def _fetch(self, start: int, end: int) -> None:
+        storage = self._storage
+        answer = storage.call(storage.client().get_object, Bucket=storage.config.bucket, Key=self._key,
+                              Range=f"bytes={start}-{end - 1}")
+        try:
+            data = answer["Body"].read()
+        except Exception as exc:
+            raise explain(exc, storage.config) from None
+        self.requests += 1
+        self._spans = [(start, data)] + self._spans[:3]
