@@ -7,6 +7,7 @@ server's side over HTTP. The scenarios run in file order on one page (they share
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import queue
@@ -206,6 +207,7 @@ def test_upload_with_progress(env: Env) -> None:
     fractions = [value / total for value, total in out["seen"] if total > 1]
     assert any(0 < f < 1 for f in fractions), out["seen"]  # the bar moved through the upload
     assert "uploaded_backup.zip" in env.keys()
+    assert out["creator"] == f"upload ({SUPERUSER_EMAIL})"  # the catalog's createdBy
     assert (env.server.data_dir / "backups" / "uploaded_backup.zip").read_bytes() == source.read_bytes()
 
 
@@ -221,6 +223,56 @@ def test_download_by_file_token_and_delete_confirmed(env: Env) -> None:
     assert out["dialog"] == "Delete uploaded_backup.zip? This cannot be undone."
     assert out["keptAfterCancel"] == 1
     assert "uploaded_backup.zip" not in env.keys()
+
+
+def test_catalog_stats_creators_pins_details_and_prune(env: Env) -> None:
+    before = env.keys()
+    assert "existing.zip" in before and "made_in_browser.zip" in before
+    out = env.browser.run("catalog", pin="existing.zip", keep=1, scope="all")
+    stats = out["stats"]
+    assert stats["Backups"] == str(len(before)) and stats["Writable"] == "yes", stats
+    assert re.fullmatch(r"[\d.]+ (KB|MB|GB|TB)", stats["Free space"]), stats
+    assert re.match(r"create made_in_browser\.zip — \d{4}-\d\d-\d\d", stats["Last success"]), stats
+    assert re.match(r"made_in_browser\.zip — \d{4}-\d\d-\d\d", stats["Newest"]), stats
+    assert stats["Next scheduled"] == "none", stats
+    assert out["creators"]["made_in_browser.zip"] == f"manual ({SUPERUSER_EMAIL})", out["creators"]
+    assert out["deletePinned"].startswith("Cannot delete a pinned backup") or "unpin" in out["deletePinned"].lower(), out
+    assert out["details"]["Pinned"] == "yes" and out["details"]["Made by"] == f"manual ({SUPERUSER_EMAIL})", out["details"]
+    assert out["details"]["Format"].startswith("with manifest") and "data.db" in out["details"], out["details"]
+    # keep 1 of all: the newest stays, and the pinned one is never a candidate.
+    assert sorted(out["planned"]) == sorted(set(before) - {"existing.zip", "made_in_browser.zip"}), out
+    after = env.keys()
+    assert sorted(after) == ["existing.zip", "made_in_browser.zip"], after
+    assert out["statsAfter"]["Backups"] == "2", out["statsAfter"]
+    info = env.http.get("/api/backups/existing.zip/info", headers=env.su).json()
+    assert info["pinned"] is False
+
+
+def test_retention_and_alert_settings_with_a_webhook_test(env: Env) -> None:
+    received: list[bytes] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+            received.append(self.rfile.read(int(self.headers.get("content-length") or 0)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        out = env.browser.run("alerts", webhook=f"http://127.0.0.1:{receiver.server_address[1]}/hook")
+    finally:
+        receiver.shutdown()
+    assert out["keepDaily"].startswith("Must be between 0 and"), out
+    assert out["webhookURL"] == "Must be a valid http(s) URL.", out
+    assert out["noWebhook"] and out["noWebhook"] != "Test alert delivered.", out
+    assert out["sent"] == "Test alert delivered.", out
+    assert len(received) == 1 and b"test" in received[0]
+    settings = env.http.get("/api/settings", headers=env.su).json()["backups"]
+    assert settings["retention"]["keepDaily"] == 7 and settings["notify"]["webhookURL"] == ""
 
 
 def test_settings_forms_and_s3_test(env: Env, s3_server: S3Server) -> None:
@@ -255,7 +307,7 @@ def test_partial_restore_with_preview(env: Env) -> None:
     out = env.browser.run("partial", key="partial_source.zip", collection="notes")
     assert out["preview"]["caption"] == "Dry run: what the restore would change"
     [row] = out["preview"]["rows"]
-    assert row[0] == "notes"
+    assert row[0] == "notes" and row[1:4] == ["0", "1", "0"], row  # "first" edited since: updated back
     assert out["previewResult"].startswith("Dry run finished: nothing was changed.")
     assert out["result"].startswith("Restored the collections from partial_source.zip.")
     assert out["done"]["caption"] == "What the restore changed"

@@ -301,10 +301,17 @@ function renderStats(status) {
   if (!stats) return;
   add("Backups", String(stats.count ?? "—"));
   add("Total size", fmtSize(stats.totalSize));
-  add("Oldest", stats.oldest ? fmtDate(stats.oldest) : "—");
-  add("Newest", stats.newest ? fmtDate(stats.newest) : "—");
-  add("Last success", stats.lastSuccess ? `${fmtDate(stats.lastSuccess)} (${fmtAgo(stats.lastSuccess)})` : "—");
-  add("Next scheduled", stats.nextScheduled ? `${fmtDate(stats.nextScheduled)} (${fmtAgo(stats.nextScheduled)})` : "none");
+  // oldest/newest: {key, modified}; lastSuccess: {op, key, finishedAt} (plain datetimes accepted too).
+  const when = (value, field) => {
+    if (!value) return "—";
+    if (typeof value === "string") return `${fmtDate(value)} (${fmtAgo(value)})`;
+    const at = value[field];
+    return `${value.op ? `${value.op} ` : ""}${value.key || ""} — ${fmtDate(at)} (${fmtAgo(at)})`;
+  };
+  add("Oldest", when(stats.oldest, "modified"));
+  add("Newest", when(stats.newest, "modified"));
+  add("Last success", when(stats.lastSuccess, "finishedAt"));
+  add("Next scheduled", stats.nextScheduled ? when(stats.nextScheduled) : "none");
   if (stats.stale) add("Alert", "No recent successful backup.", { class: "fail", "data-testid": "stale" });
 }
 
@@ -353,11 +360,14 @@ async function waitHealthy() {
 
 // --- backups ---------------------------------------------------------------------------------
 
+const CREATORS = { superuser: "manual", scheduler: "scheduled", cli: "command line", upload: "upload",
+  "pre-restore": "pre-restore" };
+
+/** Who or what made a backup: the catalog's ``createdBy``, else what its name tells. */
 function creatorOf(key, info) {
   const by = info?.createdBy;
   if (by && by.kind) {
-    const label = { scheduled: "scheduled", manual: "manual", upload: "upload", "pre-restore": "pre-restore",
-      preRestore: "pre-restore", pre_restore: "pre-restore" }[by.kind] || String(by.kind);
+    const label = CREATORS[by.kind] || String(by.kind);
     return by.email ? `${label} (${by.email})` : label;
   }
   if (key.startsWith("@auto_pb_backup_")) return "scheduled";

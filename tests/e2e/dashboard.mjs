@@ -180,6 +180,9 @@ const scenarios = {
     await cdp.detach();
     out.seen = await page.evaluate(() => window.__uploadSeen);
     await row(path.basename(file)).waitFor();
+    await page.waitForFunction((key) => document.querySelector(`#backups-body tr[data-key="${key}"] td.creator`)
+      ?.textContent.startsWith("upload"), path.basename(file));
+    out.creator = await text(`#backups-body tr[data-key="${path.basename(file)}"] td.creator`);
     return out;
   },
 
@@ -288,6 +291,68 @@ const scenarios = {
     out.s3Ok = await waitText("#s3-result", "^(?!Testing)(.|\\n)+", 60000);
     out.secretShown = await page.getByLabel(/^Secret/).inputValue();
     await page.getByLabel("Store backups on S3").uncheck();
+    await save();
+    await waitText("#settings-result", "Saved");
+    return out;
+  },
+
+  async catalog({ pin, keep, scope }) {
+    await backupsView();
+    await page.getByRole("button", { name: "Refresh", exact: true }).click();
+    await page.locator("#prune").waitFor({ state: "visible" });
+    const out = {};
+    const pairs = () => page.locator("#stats-list").evaluate((dl) => Object.fromEntries(
+      [...dl.querySelectorAll("dt")].map((dt) => [dt.textContent, dt.nextElementSibling.textContent])));
+    out.stats = await pairs();
+    out.creators = await page.locator("#backups-body tr").evaluateAll((rows) =>
+      Object.fromEntries(rows.map((r) => [r.dataset.key, r.querySelector("td.creator").textContent])));
+    await page.getByRole("button", { name: `Pin ${pin}`, exact: true }).click();
+    await page.locator(`#backups-body tr[data-key="${pin}"] .badge.pinned`).waitFor();
+    await page.getByRole("button", { name: `Delete ${pin}` }).click();
+    await page.locator("#delete-dialog").getByRole("button", { name: "Delete", exact: true }).click();
+    out.deletePinned = await waitText("#delete-error", ".");
+    await page.getByRole("button", { name: "Cancel", exact: true }).click();
+    await page.getByRole("button", { name: `Details of ${pin}` }).click();
+    out.details = await page.locator("#info-list").evaluate((dl) => Object.fromEntries(
+      [...dl.querySelectorAll("dt")].map((dt) => [dt.textContent, dt.nextElementSibling.textContent])));
+    await page.locator("#info-dialog").getByRole("button", { name: "Close", exact: true }).click();
+    await page.getByLabel("Keep the newest").fill(String(keep));
+    await page.getByLabel("Of", { exact: true }).selectOption(scope);
+    await page.getByRole("button", { name: "Preview", exact: true }).click();
+    out.plan = await waitText('[data-testid="prune-plan"]', ".");
+    out.planned = await page.locator("#prune-preview li").allTextContents();
+    if (out.planned.length) {
+      await page.getByRole("button", { name: `Delete ${out.planned.length} backups` }).click();
+      out.pruned = await waitText("#prune-preview", "Deleted");
+    }
+    await page.getByRole("button", { name: `Unpin ${pin}`, exact: true }).click();
+    await page.locator(`#backups-body tr[data-key="${pin}"] .badge.pinned`).waitFor({ state: "detached" });
+    out.statsAfter = await pairs();
+    return out;
+  },
+
+  async alerts({ webhook }) {
+    await page.getByRole("link", { name: "Settings" }).click();
+    await page.locator("#notify").waitFor({ state: "visible" });
+    const save = () => page.getByRole("button", { name: "Save settings" }).click();
+    const out = {};
+    await page.getByLabel("Keep daily").fill("-1");
+    await page.getByLabel("Webhook URL").fill("ftp://example.com/hook");
+    await save();
+    out.keepDaily = await waitText('[data-error="backups.retention.keepDaily"]', ".");
+    out.webhookURL = await waitText('[data-error="backups.notify.webhookURL"]', ".");
+    await page.getByLabel("Keep daily").fill("7");
+    await page.getByLabel("Webhook URL").fill("");
+    await save();
+    await waitText("#settings-result", "Saved");
+    await page.getByRole("button", { name: "Send a test alert" }).click();
+    out.noWebhook = await waitText("#notify-result", "^(?!Sending)(.|\\n)+");
+    await page.getByLabel("Webhook URL").fill(webhook);
+    await save();
+    await waitText("#settings-result", "Saved");
+    await page.getByRole("button", { name: "Send a test alert" }).click();
+    out.sent = await waitText("#notify-result", "^(?!Sending)(.|\\n)+");
+    await page.getByLabel("Webhook URL").fill("");
     await save();
     await waitText("#settings-result", "Saved");
     return out;
