@@ -13,18 +13,18 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..app import App
 from ..errors import ApiError, NotFound, TooLarge
-from . import backups, collections, crons, files, health, record_auth, records, settings
+from . import backups, collections, crons, dashboard, files, health, record_auth, records, settings
 from .limits import BODY_LIMIT_KEY, DEFAULT_BODY_LIMIT
 
 logger = logging.getLogger("server.api")
 
 
-def routes() -> list[Route]:
+def routes() -> list[BaseRoute]:
     c = "/api/collections/{collection}"
     return [
         Route("/api/health", health.health, methods=["GET", "HEAD"]),
@@ -59,6 +59,8 @@ def routes() -> list[Route]:
         Route("/api/backups/{key}", backups.download_backup, methods=["GET", "HEAD"]),
         Route("/api/backups/{key}", backups.delete_backup, methods=["DELETE"]),
         Route("/api/backups/{key:path}/restore", backups.restore_backup, methods=["POST"]),
+        Route("/_", dashboard.redirect, methods=["GET", "HEAD"]),
+        Mount("/_", app=dashboard.DashboardFiles()),
     ]
 
 
