@@ -15,7 +15,7 @@ PY     := $(VENV)/bin/python
 HTTP   ?= 127.0.0.1:8090
 DIR    ?= ./pb_data
 
-.PHONY: run test soak bench bench-s3 bench-api bench-catalog wrk chromium install install-test clean
+.PHONY: run test soak bench bench-s3 bench-api bench-catalog wrk chromium age install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ tests/e2e/node_modules/.installed: tests/e2e/package.json tests/e2e/package-lock
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test tests/e2e/node_modules/.installed chromium
+install-test: $(VENV)/.installed-test tests/e2e/node_modules/.installed chromium age
 
 # Debian's Chromium, which the dashboard's browser tests drive headless (playwright-core, no browser
 # download): apt-get when missing and running as root, else a clear message.
@@ -43,6 +43,16 @@ chromium:
 	    apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
 	  else \
 	    echo "the dashboard tests need Debian's chromium: install it, e.g. 'sudo apt-get install -y chromium'" >&2; exit 1; \
+	  fi; }
+
+# age (the encryption tests decrypt our backups with the real tool, and restore what it made):
+# apt-get when missing and running as root, as for chromium.
+age:
+	@command -v age >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y age || { apt-get update && apt-get install -y age; }; \
+	  else \
+	    echo "the tests need age (age-encryption.org): install it, e.g. 'sudo apt-get install -y age' on Debian/Ubuntu" >&2; exit 1; \
 	  fi; }
 
 run: install

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .app import App, opened
-from .backups import archive, partial, restore
-from .backups.manager import BUSY_MESSAGE, Busy, BackupManager, RestoreReady, describe_error
+from .backups import archive, crypto, partial, restore
+from .backups.manager import AUTO_PREFIX, BUSY_MESSAGE, Busy, BackupManager, RestoreReady, describe_error
 from .errors import ApiError, NotFound
 from .tools.times import format_datetime
 
@@ -158,15 +158,41 @@ async def verify_backup(app: App, args: argparse.Namespace, progress: Progress) 
         progress.update(done, total)
 
     try:
-        result = await app.backups.verify(args.key, report, quick=args.quick)
+        result = await app.backups.verify(args.key, report, quick=args.quick, identities=read_identities(args))
     except archive.ArchiveError as exc:
         progress.done()
-        raise Failure(f"{args.key} is NOT a valid backup: {exc}") from None
+        raise Failure(f"{args.key} is NOT a valid backup: {exc}{_identity_hint(exc)}") from None
     checks = "manifest checksums, " if result["manifest"] else "no manifest (a PocketBase-style zip); "
     files = f"{result['files']} files, " if result["files"] is not None else ""
     check = "quick_check" if result["verified"] == archive.QUICK_TIER else "integrity_check"
     progress.done()
-    print(f"{args.key} is a valid backup: {files}{_mb(result['bytes'])}; {checks}databases pass {check}.")
+    encrypted = "encrypted (age), " if result.get("encrypted") else ""
+    print(f"{args.key} is a valid backup: {encrypted}{files}{_mb(result['bytes'])}; {checks}databases pass {check}.")
+
+
+def read_identities(args: argparse.Namespace) -> crypto.Identities | None:
+    """The identities of ``--identity-file`` (an age identity file, as age-keygen writes; ``-``:
+    standard input), or None. The file's content is never shown."""
+    path = getattr(args, "identity_file", None)
+    if not path:
+        return None
+    try:
+        if path == "-":
+            text = sys.stdin.read(crypto.MAX_IDENTITY_TEXT + 1)
+        else:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                text = handle.read(crypto.MAX_IDENTITY_TEXT + 1)
+    except OSError as exc:
+        raise Failure(f"Cannot read the identity file: {exc.strerror or type(exc).__name__}") from None
+    try:
+        return crypto.parse_identities(text)
+    except crypto.IdentityError:
+        raise Failure("The identity file holds no age identity (AGE-SECRET-KEY-1... lines, as age-keygen writes).") \
+            from None
+
+
+def _identity_hint(reason: object) -> str:
+    return " (pass --identity-file KEY.txt)" if str(reason) == crypto.IDENTITY_REQUIRED else ""
 
 
 async def delete_backup(app: App, args: argparse.Namespace, progress: Progress) -> None:
@@ -210,7 +236,7 @@ async def restore_backup(data_dir: str, args: argparse.Namespace, progress: Prog
     if not lock.try_exclusive():
         raise Failure(SERVER_RUNNING.replace("{key}", args.key))
     try:
-        ready = await _prepare_restore(app, args.key, progress)
+        ready = await _prepare_restore(app, args.key, progress, read_identities(args))
         progress.step("Swapping the data")
         await asyncio.to_thread(restore.swap_in, app.datadir.root, ready.new_dir, ready.key, ready.started_at,
                                 ready.verified, ready.safety)
@@ -251,6 +277,7 @@ async def restore_partial(data_dir: str, args: argparse.Namespace, progress: Pro
     except ApiError as exc:
         raise Failure(describe_error(exc)) from None
     assert request is not None
+    identities = read_identities(args)
     app = App(data_dir)
     lock = app.backups.lock
     if not lock.try_exclusive():
@@ -260,7 +287,7 @@ async def restore_partial(data_dir: str, args: argparse.Namespace, progress: Pro
         try:
             await app.logs.prepare()
             manager = app.backups
-            await manager.start_restore(args.key, request)
+            await manager.start_restore(args.key, request, identities)
             what = "Dry run of" if request.dry_run else "Restoring"
             names = f" ({', '.join(request.collections)}, {request.mode})" if request.collections else ""
             progress.step(f"{what} {args.key}{names}")
@@ -273,7 +300,8 @@ async def restore_partial(data_dir: str, args: argparse.Namespace, progress: Pro
         lock.release_exclusive()
     progress.done()
     if not last.get("ok"):
-        raise Failure(f"The restore failed; nothing was changed: {last.get('error') or 'unknown error'}")
+        reason = last.get("error") or "unknown error"
+        raise Failure(f"The restore failed; nothing was changed: {reason}{_identity_hint(reason)}")
     summary = last.get("summary") or {"dryRun": request.dry_run, "collections": {}}
     if args.json:
         print(json.dumps(summary, indent=1))
@@ -301,7 +329,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def _prepare_restore(app: App, key: str, progress: Progress) -> RestoreReady:
+async def _prepare_restore(app: App, key: str, progress: Progress,
+                           identities: crypto.Identities | None = None) -> RestoreReady:
     ready: list[RestoreReady] = []
 
     async def keep(prepared: RestoreReady) -> None:
@@ -312,12 +341,13 @@ async def _prepare_restore(app: App, key: str, progress: Progress) -> RestoreRea
         await app.logs.prepare()  # a refused restore is logged, as by a server
         manager = app.backups
         manager.on_restore_ready = keep
-        await manager.start_restore(key)
+        await manager.start_restore(key, None, identities)
         progress.step(f"Fetching, extracting and verifying {key}")
         await _follow(manager, progress, manager.wait())
         if not ready:
             last = manager.last or {}
-            raise Failure(f"The backup was refused; nothing was changed: {last.get('error') or 'unknown error'}")
+            reason = last.get("error") or "unknown error"
+            raise Failure(f"The backup was refused; nothing was changed: {reason}{_identity_hint(reason)}")
     finally:
         await app.logs.flush()
         await app.close()  # the databases are closed before the swap; the job lock stays taken
@@ -351,6 +381,10 @@ def add_parser(commands: Any, default_dir: str) -> None:
             action.add_argument("--quick", action="store_true",
                                 help="check the databases as a restore does (quick_check when the manifest's "
                                      "checksums match) instead of the full integrity_check")
+        if name in ("restore", "verify"):
+            action.add_argument("--identity-file", metavar="KEY.txt",
+                                help="an age identity file (as age-keygen writes; '-': standard input) to decrypt "
+                                     "an encrypted backup with; it is never stored")
         if name == "restore":
             action.add_argument("--collections", metavar="A,B",
                                 help="restore only these collections (records and files); the rest is left alone")

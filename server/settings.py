@@ -44,10 +44,14 @@ DEFAULTS: dict[str, Any] = {
         "notify": {"webhookURL": "", "onFailure": True, "staleAfterHours": 0},
         "s3": {"enabled": False, "bucket": "", "region": "", "endpoint": "", "accessKey": "", "secret": "",
                "forcePathStyle": False},
+        # ours (issue 17): backups, safety copies and replica files age-encrypted to these public
+        # keys ("age1..."); the passphrase (age's scrypt mode) is write-only, and refused for now
+        # (see docs/pocketbase-differences.md).
+        "encryption": {"recipients": [], "passphrase": ""},
     },
     "trustedProxy": {"headers": [], "useLeftmostIP": False},
 }
-_SECRETS = (("backups", "s3", "secret"),)
+_SECRETS = (("backups", "s3", "secret"), ("backups", "encryption", "passphrase"))
 MAX_KEEP = 100_000
 MAX_STALE_HOURS = 24 * 366
 
@@ -205,6 +209,18 @@ def validate(data: dict[str, Any]) -> dict[str, Any]:
                 put("backups", key, "validation_required", "Cannot be blank.", sub="s3")
         if s3["endpoint"] and not URL_RE.match(s3["endpoint"]):
             put("backups", "endpoint", "validation_is_url", "Must be a valid URL.", sub="s3")
+    encryption = backups["encryption"]
+    if check_types("backups", encryption, DEFAULTS["backups"]["encryption"], sub="encryption"):
+        from .backups.crypto import recipient_errors  # (pyrage: imported by those who use it)
+
+        problem = recipient_errors(encryption["recipients"])
+        if problem is not None:
+            put("backups", "recipients", "validation_invalid_recipient", problem, sub="encryption")
+        if isinstance(encryption["passphrase"], str) and encryption["passphrase"]:
+            put("backups", "passphrase", "validation_not_supported",
+                "Passphrase encryption is not available yet (the age library in use encrypts a passphrase "
+                "file in memory only, and a backup is never held in memory): use recipients, e.g. the "
+                "public key age-keygen prints.", sub="encryption")
     proxy = data["trustedProxy"]
     if not all(isinstance(h, str) and h for h in proxy["headers"]):
         put("trustedProxy", "headers", "validation_invalid_value", "Must be a list of header names.")

@@ -10,7 +10,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from ..backups.notify import DeliveryError
-from ..backups.partial import parse_request as parse_restore_request
+from ..backups.partial import parse_body as parse_restore_body
 from ..records import Requester
 from ..errors import BadRequest, Forbidden, NotFound, ValidationError, field_error
 from ..tools.multipart import MultipartError, file_part
@@ -95,12 +95,14 @@ async def upload_backup(request: Request) -> Response:
     request.scope[BODY_LIMIT_KEY] = None  # no size limit: the body is streamed to disk
     declared = request.headers.get("content-length", "")
     try:
-        part = await file_part(request.stream(), request.headers.get("content-type", ""), "file")
+        # ours (issue 17): an ``identity`` field, before or after the file, checks an encrypted upload.
+        fields: dict[str, str] = {}
+        part = await file_part(request.stream(), request.headers.get("content-type", ""), "file", ("identity",), fields)
         if part is None:
             raise ValidationError({"file": field_error("validation_required", "Cannot be blank.")})
         filename, chunks = part
         await get_app(request).backups.upload(filename, chunks, int(declared) if declared.isdigit() else None,
-                                              uploaded_by=_maker(who))
+                                              fields, uploaded_by=_maker(who))
     except MultipartError as exc:
         raise BadRequest("Failed to load the submitted data due to invalid formatting.") from exc
     except ClientDisconnect:
@@ -173,5 +175,6 @@ async def restore_backup(request: Request) -> Response:
     await require_superuser(request)
     # ours: an optional body asks for a partial restore or a dry run (no body: the full restore).
     body = await read_json(request)
-    await get_app(request).backups.start_restore(request.path_params["key"], parse_restore_request(body))
+    restore, identities = parse_restore_body(body)  # (an identity alone: still the full restore)
+    await get_app(request).backups.start_restore(request.path_params["key"], restore, identities)
     return no_content()

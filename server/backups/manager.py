@@ -40,7 +40,7 @@ from ..tools.threads import background_pool
 from ..tools.times import format_datetime, parse_datetime
 from ..values import error
 from .. import __version__
-from . import archive, catalog, partial, restore
+from . import archive, catalog, crypto, partial, restore
 from .catalog import Catalog, CatalogError, CatalogFile
 from .notify import Notifier
 from .lock import ProcessLock
@@ -138,6 +138,11 @@ class Job:
     summary: dict[str, Any] | None = None
     verified: str | None = None  # a restore's verification tier, once it passed (``archive.tier``)
     created_by: dict[str, Any] | None = None  # a backup's maker, for the catalog (``catalog.creator``)
+    # An encrypted backup's identities, for this job only: never stored, logged or shown (issue 17).
+    identities: crypto.Identities | None = field(default=None, repr=False)
+    # What a job that wrote a backup knows of its encryption (create, safety copy, upload): for
+    # the catalog's ``info`` (``encrypted``, the recipients' fingerprints).
+    encryption: crypto.EncryptionFacts | None = None
 
     def advance(self, count: int) -> None:
         self.bytes_done += count  # from a worker thread; a plain int update is safe enough here
@@ -440,7 +445,8 @@ class BackupManager:
         return key, self._acquire("create", key)
 
     async def _create(self, job: Job) -> None:
-        async with _archive_writing(self.storage(), job) as (zipper, writer):
+        recipients = crypto.recipients_of(self.settings.data)
+        async with _archive_writing(self.storage(), job, recipients) as (zipper, writer):
             async with AsyncExitStack() as snapshots:
                 data_db = await snapshots.enter_async_context(self.db.snapshot(self.datadir.temp))
                 aux_db = await snapshots.enter_async_context(self.aux_db.snapshot(self.datadir.temp))
@@ -469,8 +475,14 @@ class BackupManager:
     # --- upload ----------------------------------------------------------------------------
 
     async def upload(self, filename: str, chunks: AsyncIterable[bytes], declared_size: int | None = None,
+                     fields: dict[str, str] | None = None,
                      uploaded_by: dict[str, Any] | None = None) -> str:
-        """Store an uploaded backup: streamed to a temp file, checked, then published."""
+        """Store an uploaded backup: streamed to a temp file, checked, then published.
+
+        An age-encrypted file (issue 17) is accepted when its header is well-formed age; with an
+        ``identity`` among ``fields`` (the form's other fields, complete once ``chunks`` is
+        consumed) it is decrypted to a temp file and checked as a plain upload is, else it is
+        stored unverified (``job.encryption``) and its restore checks it."""
         problem = name_errors(filename)
         if problem is not None:
             raise ValidationError({"file": problem})
@@ -484,12 +496,25 @@ class BackupManager:
         error: BaseException | None = None
         try:
             await self._receive(job, chunks, temp)
-            head = await asyncio.to_thread(_read_head, temp)
-            if not head.startswith(ZIP_MAGIC):
-                raise ValidationError({"file": field_error(
-                    "validation_invalid_mime_type", f'"{filename}" mime type must be one of: application/zip.')})
+            identities = None
+            if (fields or {}).get("identity"):
+                try:
+                    identities = crypto.parse_identities((fields or {})["identity"])
+                except crypto.IdentityError as exc:
+                    raise ValidationError({"identity": field_error("validation_invalid_identity", str(exc))}) from None
+            head = await asyncio.to_thread(crypto.read_head, temp)
             try:
-                await asyncio.to_thread(archive.check_upload, temp)
+                if crypto.is_encrypted(head):
+                    await _in_background(crypto.check_header, temp)
+                    if identities:
+                        await self._check_encrypted_upload(job, temp, identities)
+                    job.encryption = crypto.EncryptionFacts(True, None, verified=bool(identities))
+                elif not head.startswith(ZIP_MAGIC):
+                    raise ValidationError({"file": field_error(
+                        "validation_invalid_mime_type", f'"{filename}" mime type must be one of: application/zip.')})
+                else:
+                    await asyncio.to_thread(archive.check_upload, temp)
+                    job.encryption = crypto.EncryptionFacts(False)
             except archive.ArchiveError as exc:
                 raise ValidationError({"file": field_error("validation_invalid_backup", f"Invalid backup: {exc}.")})
             # What was received is checked: now it is stored (a rename on disk, an upload to S3).
@@ -505,6 +530,8 @@ class BackupManager:
 
             def edit(found: Catalog) -> None:
                 found.backups[filename] = {"createdBy": maker, "uploadedAt": uploaded}
+                if job.encryption is not None and job.encryption.encrypted:
+                    found.backups[filename]["encryption"] = job.encryption.to_json()
 
             await self._note(storage, edit)
             return filename
@@ -516,6 +543,16 @@ class BackupManager:
         finally:
             await asyncio.to_thread(temp.unlink, True)
             self._release(job, error)
+
+    async def _check_encrypted_upload(self, job: Job, temp: Path, identities: crypto.Identities) -> None:
+        """An encrypted upload, decrypted with the request's identity to a temp file (removed
+        after) and checked as a plain upload is."""
+        plain = self.datadir.temp / f"upload_{random_string(12)}.decrypted.zip"
+        try:
+            await _in_background(crypto.decrypt_file, temp, plain, identities, None, job.cancel)
+            await asyncio.to_thread(archive.check_upload, plain)
+        finally:
+            await asyncio.to_thread(plain.unlink, True)
 
     async def _receive(self, job: Job, chunks: AsyncIterable[bytes], temp: Path) -> None:
         def open_temp() -> Any:
@@ -540,12 +577,13 @@ class BackupManager:
     # --- verify ----------------------------------------------------------------------------
 
     async def verify(self, key: str, progress: Callable[[str, int, int], None] | None = None,
-                     quick: bool = False) -> dict[str, Any]:
+                     quick: bool = False, identities: crypto.Identities | None = None) -> dict[str, Any]:
         """Check a backup without restoring it: fetched (from S3) and extracted into a temporary
         directory with every check of a restore (structure, manifest checksums), then deleted.
         The databases get the full ``integrity_check``, or with ``quick`` the restore's own tier
         (``archive.tier``). ``ArchiveError`` says why it is not restorable; returns
-        ``{"files", "bytes", "manifest", "verified"}``. ``progress(step, done, total)`` follows the work."""
+        ``{"files", "bytes", "manifest", "verified", "encrypted"}``. ``progress(step, done, total)``
+        follows the work. An encrypted backup needs ``identities`` (``crypto.CryptoError`` else)."""
         storage = self.storage()
         info = await self.stat(key)
         if info is None:
@@ -562,9 +600,18 @@ class BackupManager:
             counters.update(step="extract", done=0, total=total)
             advance(0)
 
+        encrypted = False
+
+        def decrypting(total: int) -> None:
+            nonlocal encrypted
+            encrypted = True
+            counters.update(step="decrypt", done=0, total=total)
+            advance(0)
+
         try:
             with _storage_failure("Failed to retrieve the backup file."):
-                async with storage.local_copy(key, self.datadir.temp, advance) as zip_path:
+                async with crypto.plain_copy(storage, key, self.datadir.temp, advance, identities,
+                                             on_decrypt=decrypting, in_thread=_in_background) as zip_path:
                     manifest = await _in_background(archive.extract, zip_path, work / "data", advance, None,
                                                     set_total, not quick)
         except StoredFileMissing:
@@ -572,15 +619,18 @@ class BackupManager:
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
         return {"files": len(manifest["files"]) if manifest is not None else None, "bytes": int(counters["total"]),
-                "manifest": manifest is not None, "verified": archive.tier(manifest, not quick)}
+                "manifest": manifest is not None, "verified": archive.tier(manifest, not quick), "encrypted": encrypted}
 
     # --- restore ---------------------------------------------------------------------------
 
-    async def start_restore(self, key: str, request: partial.RestoreRequest | None = None) -> None:
+    async def start_restore(self, key: str, request: partial.RestoreRequest | None = None,
+                            identities: crypto.Identities | None = None) -> None:
         """Check that ``key`` exists, take the lock and restore it in the background.
 
         ``request`` (a body): a partial restore (``server.backups.partial``, no re-exec) or a dry
-        run, which verifies and leaves a summary without changing anything."""
+        run, which verifies and leaves a summary without changing anything; None (no body, or
+        one with only an identity): the full restore. ``identities`` decrypt an encrypted backup,
+        for this job only."""
         if self.active is not None:
             raise Busy()
         if await self.stat(key) is None:
@@ -588,6 +638,7 @@ class BackupManager:
         if request is None and self.on_restore_ready is None:
             raise BadRequest("A restore needs the running server; use the API.")
         job = self._acquire("restore", key)
+        job.identities = identities or None
         if request is None:
             self._spawn(job, self._restore(job))
             return
@@ -609,7 +660,7 @@ class BackupManager:
         try:
             info = await storage.stat(job.key)
             job.bytes_total = info.size if info is not None else 0
-            async with storage.local_copy(job.key, self.datadir.temp, job.advance) as zip_path:
+            async with job_plain_copy(self, job) as zip_path:
                 manifest = await _in_background(archive.extract, zip_path, work / "data", job.advance, job.cancel,
                                                 set_total)
             job.verified = archive.tier(manifest)
@@ -633,7 +684,7 @@ class BackupManager:
                 await self._preserve(job, replacing=True)
             info = await storage.stat(job.key)
             job.bytes_total = info.size if info is not None else 0  # the fetch first, if it is a download
-            async with storage.local_copy(job.key, self.datadir.temp, job.advance) as zip_path:
+            async with job_plain_copy(self, job) as zip_path:
                 faults.point("restore-fetched")
                 manifest = await _in_background(archive.extract, zip_path, target, job.advance, job.cancel, set_total)
                 archive_size = (await asyncio.to_thread(zip_path.stat)).st_size
@@ -717,6 +768,8 @@ class BackupManager:
             if job.op == "create":
                 found.last_backup = {"key": job.key, "finishedAt": finished}
                 found.stale_alerted = None
+            if job.encryption is not None and job.encryption.encrypted:
+                found.backups.setdefault(job.key, {})["encryption"] = job.encryption.to_json()
 
         await self._note(self.storage(), edit)
         if job.op == "create":
@@ -775,6 +828,8 @@ class BackupManager:
                 "createdAt": facts["createdAt"] or format_datetime(stat.modified), "createdBy": created_by,
                 "appName": facts["appName"], "serverVersion": facts["serverVersion"], "format": facts["format"],
                 "encrypted": facts["encrypted"], "pinned": bool(entry.get("pinned")),
+                # the recipients' fingerprints (not their keys) when we encrypted it; None if unknown
+                **({"recipients": (entry.get("encryption") or {}).get("recipients")} if facts["encrypted"] else {}),
                 "databases": facts["databases"], "files": facts["files"], "collections": facts["collections"]}
 
     async def stats(self, storage: Storage | None = None) -> dict[str, Any]:
@@ -928,7 +983,10 @@ class BackupManager:
         that data (the restored ones may say otherwise); None: no copy."""
         keep = self.safety_copies_kept
         app = self.settings.app_name
-        return {"key": safety_name(app), "keep": keep, "app": app} if keep > 0 else None
+        # The copy is written by the process that serves the restored data, whose settings may
+        # name other recipients (or none): these data's recipients go with the plan (public keys).
+        return {"key": safety_name(app), "keep": keep, "app": app,
+                "recipients": crypto.recipients_of(self.settings.data)} if keep > 0 else None
 
     async def _check_room_for_safety_copy(self, storage: Storage, archive_size: int, extracted_size: int) -> None:
         """Refuse a restore whose safety copy clearly would not fit (local storage: S3 tells no free space).
@@ -1038,7 +1096,14 @@ class BackupManager:
         databases = await asyncio.to_thread(_settle_databases, old)
         files = await asyncio.to_thread(archive.collect_files, old)
         job.bytes_total = sum(await asyncio.to_thread(_sizes, databases + files))
-        async with _archive_writing(storage, job) as (zipper, _writer):
+        safety = journal.get("safety") or {}
+        # Encrypted while either side has recipients: those of the replaced data's settings
+        # (planned before the swap) and those of the settings now (the restored data's), so that
+        # any of those keys decrypts it.
+        planned = safety.get("recipients") if isinstance(safety.get("recipients"), list) else []
+        recipients = list(dict.fromkeys([r for r in planned if isinstance(r, str) and r] +
+                                        crypto.recipients_of(self.settings.data)))
+        async with _archive_writing(storage, job, recipients) as (zipper, _writer):
             for index, source in enumerate(databases + files):
                 await _in_background(zipper.add, source)
                 if index == 0:
@@ -1049,12 +1114,18 @@ class BackupManager:
 
 
 @asynccontextmanager
-async def _archive_writing(storage: Storage, job: Job) -> AsyncIterator[tuple[archive.ArchiveWriter, Any]]:
+async def _archive_writing(storage: Storage, job: Job,
+                           recipients: list[str]) -> AsyncIterator[tuple[archive.ArchiveWriter, Any]]:
     """A backup archive written to ``storage`` as ``job.key``: the block adds the entries and calls
-    ``finish``; the archive is published when the block ends, discarded (never listed) if it raises."""
-    writer = await asyncio.to_thread(storage.open_write, job.key)
+    ``finish``; the archive is published when the block ends, discarded (never listed) if it raises.
+    With ``recipients``, it is age-encrypted to them on its way (``crypto.EncryptingWriter``);
+    ``job.encryption`` says how it was written."""
+    writer: Any = await asyncio.to_thread(storage.open_write, job.key)
     zipper: archive.ArchiveWriter | None = None
     try:
+        if recipients:
+            writer = await asyncio.to_thread(crypto.EncryptingWriter, writer, recipients)
+        job.encryption = crypto.EncryptionFacts.written_for(recipients)
         zipper = await _in_background(archive.ArchiveWriter, writer, job.advance, job.cancel)
         yield zipper, writer
         zipper = None
@@ -1064,6 +1135,18 @@ async def _archive_writing(storage: Storage, job: Job) -> AsyncIterator[tuple[ar
             await asyncio.to_thread(zipper.close)
         await asyncio.to_thread(writer.abort)
         raise
+
+
+def job_plain_copy(manager: BackupManager, job: Job) -> Any:
+    """The plaintext zip of the job's backup, decrypted with its identities if it is encrypted
+    (``crypto.plain_copy``), the job's progress following the fetch, the decryption, then (the
+    caller's ``set_total``) the extraction."""
+
+    def decrypting(total: int) -> None:
+        job.bytes_total, job.bytes_done = total, 0
+
+    return crypto.plain_copy(manager.storage(), job.key, manager.datadir.temp, job.advance, job.identities,
+                             job.cancel, decrypting, _in_background)
 
 
 @contextmanager
@@ -1146,7 +1229,3 @@ def _sizes(sources: list[archive.Source]) -> list[int]:
             sizes.append(0)
     return sizes
 
-
-def _read_head(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read(8)

@@ -62,7 +62,7 @@ from ..tools.fsync import fsync_dir, fsync_path
 from ..tools.security import random_string
 from ..tools.threads import background_pool
 from ..tools.times import format_datetime, now
-from . import archive
+from . import archive, crypto
 
 if TYPE_CHECKING:
     from ..database import Database
@@ -122,10 +122,26 @@ class RestoreRequest:
 
 
 def parse_request(body: dict[str, Any]) -> RestoreRequest | None:
-    """The restore asked for by a JSON body; ``None`` for the plain full restore (no body, ``{}``).
+    """The restore asked for by a JSON body; ``None`` for the plain full restore (no body, ``{}``,
+    or only an ``identity``).
 
     Raises ``ValidationError`` (400, the contract's shape) for a malformed body."""
+    return parse_body(body)[0]
+
+
+def parse_body(body: dict[str, Any]) -> tuple[RestoreRequest | None, crypto.Identities | None]:
+    """``parse_request``, and the body's ``identity`` (issue 17: the age identity of an encrypted
+    backup, one ``AGE-SECRET-KEY-1...`` or an identity file's text) parsed, or None. The identity
+    stays apart from the request: a body holding only an identity is the full restore, with its
+    re-exec, as no body is; it is never described, stored or echoed."""
     errors: dict[str, Any] = {}
+    identities: crypto.Identities | None = None
+    raw_identity = body.get("identity")
+    if raw_identity is not None and raw_identity != "":
+        try:
+            identities = crypto.parse_identities(raw_identity)
+        except crypto.IdentityError as exc:
+            errors["identity"] = field_error("validation_invalid_identity", str(exc))
     names: tuple[str, ...] | None = None
     raw = body.get("collections")
     if raw is not None:
@@ -161,8 +177,8 @@ def parse_request(body: dict[str, Any]) -> RestoreRequest | None:
     if errors:
         raise ValidationError(errors)
     if names is None and not dry_run:
-        return None
-    return RestoreRequest(names, mode or "merge", bool(dry_run))
+        return None, identities
+    return RestoreRequest(names, mode or "merge", bool(dry_run)), identities
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -1096,7 +1112,9 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
     try:
         info = await storage.stat(job.key)
         job.bytes_total = info.size if info is not None else 0
-        async with storage.local_copy(job.key, manager.datadir.temp, job.advance) as zip_path:
+        from .manager import job_plain_copy  # (the manager imports this module)
+
+        async with job_plain_copy(manager, job) as zip_path:
             faults.point("partial-fetched")
             # One pass for data.db and the files of the collections of those names now (a backup
             # mostly has the same ids); a second one for the files of any other id it turns out to

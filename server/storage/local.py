@@ -105,8 +105,11 @@ class LocalWriter(Writer):
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()  # flushes what is buffered: fails again on a full disk
+            except OSError:
+                pass
         if not self._done:
             self._temp.unlink(missing_ok=True)
             self._done = True

@@ -2,7 +2,10 @@
 
 ``file_part(stream, content_type, field)`` reads the body until the part named ``field`` that has a
 filename begins, and returns that filename and an async iterator over the part's bytes; nothing
-is held in memory beyond one network chunk. Other parts are skipped.
+is held in memory beyond one network chunk. Other parts are skipped, except the small text fields
+named in ``fields``, whose values go into the caller's dict ``found``: those before the file
+as the file starts, those after it once its bytes are consumed (the rest of the body is then
+read), each at most ``MAX_FIELD`` bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+
+
+MAX_FIELD = 64 << 10
 
 
 class MultipartError(ValueError):
@@ -75,25 +81,47 @@ async def _events(stream: AsyncIterator[bytes], boundary: bytes) -> AsyncIterato
         yield event
 
 
-async def file_part(stream: AsyncIterator[bytes], content_type: str, field: str) -> tuple[str, AsyncIterator[bytes]] | None:
-    """The filename and the bytes of the first file part named ``field``; ``None`` if there is none."""
+async def file_part(stream: AsyncIterator[bytes], content_type: str, field: str,
+                    fields: tuple[str, ...] = (), found: dict[str, str] | None = None,
+                    ) -> tuple[str, AsyncIterator[bytes]] | None:
+    """The filename and the bytes of the first file part named ``field``; ``None`` if there is none.
+
+    ``fields``: the text fields wanted, the first value of each put into ``found`` (see above)."""
     boundary = boundary_of(content_type)
     if boundary is None:
         return None
+    wanted = {name.encode(): name for name in fields} if found is not None else {}
     events = _events(stream, boundary)
     async for kind, value in events:
         if kind != "headers":
             continue
         _, options = parse_options_header(value.get(b"content-disposition", b""))
         filename = options.get(b"filename")
-        if options.get(b"name") == field.encode() and filename is not None:
+        part_name = options.get(b"name")
+        if part_name == field.encode() and filename is not None:
             name = filename.decode("utf-8", "replace")
             name = name.replace("\\", "/").rsplit("/", 1)[-1]  # some clients send a full path
-            return name, _part_data(events)
+            return name, _part_data(events, wanted, found)
+        if filename is None and part_name in wanted and found is not None:
+            value = await _field_value(events)
+            found.setdefault(wanted[part_name], value)
     return None
 
 
-async def _part_data(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
+async def _field_value(events: AsyncIterator[tuple[str, Any]]) -> str:
+    value = bytearray()
+    async for kind, data in events:
+        if kind == "data":
+            value += data
+            if len(value) > MAX_FIELD:
+                raise MultipartError("a form field is too large")
+        elif kind == "end":
+            return value.decode("utf-8", "replace")
+    raise MultipartError("the body ended before a field did")
+
+
+async def _part_data(events: AsyncIterator[tuple[str, Any]], wanted: dict[bytes, str] | None = None,
+                     found: dict[str, str] | None = None) -> AsyncIterator[bytes]:
     ended = False
     async for kind, value in events:
         if kind == "data":
@@ -104,3 +132,12 @@ async def _part_data(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[by
             break
     if not ended:
         raise MultipartError("the body ended before the file did")
+    if wanted and found is not None:  # fields after the file: the rest of the body is read for them
+        async for kind, value in events:
+            if kind != "headers":
+                continue
+            _, options = parse_options_header(value.get(b"content-disposition", b""))
+            part_name = options.get(b"name")
+            if options.get(b"filename") is None and part_name in wanted:
+                value = await _field_value(events)
+                found.setdefault(wanted[part_name], value)
