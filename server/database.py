@@ -107,9 +107,7 @@ class Database:
         self._reader = await _connect(self.path)
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
+        await asyncio.gather(*(conn.close() for conn in (self._reader, self._writer) if conn is not None))
         self._reader = self._writer = None
         if self._file_fd is not None:  # only now: SQLite holds no lock on the file any more
             os.close(self._file_fd)
