@@ -9,7 +9,11 @@ The job, step by step (``run``):
 2. The chosen collections are resolved against the backup and the current data (``Target``).
    A real run now refuses writes to them (``CollectionStore.restoring``, set with the writers
    paused and checked inside every write transaction, so nothing that commits later is lost).
-3. The summary is counted (SQL over the live table and the backup's, ``ATTACH``ed read-only).
+3. The summary is counted (SQL over the live table and the backup's, ``ATTACH``ed read-only),
+   from the moment data.db is verified, beside the rest of the extraction. For a ``replace``,
+   the two tables' pages are compared first (``tools.sqlite_pages``, the live file pinned at
+   the count's instant: ``Database.pinned_file``): rows on leaves identical in both files are
+   unchanged without being decoded, and only the other rowid ranges are walked record by record.
 4. Each collection is rebuilt beside the live one, in a shadow table of ``data.db``: ``replace``
    copies the backup's table (its own DDL and indexes); ``merge`` copies the live table, then
    upserts the backup's records (the backup wins). Every batch is a short transaction taken
@@ -39,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import filecmp
 import json
 import logging
 import math
@@ -58,6 +61,7 @@ from .. import faults
 from .. import fields as F
 from .. import values as V
 from ..errors import BadRequest, ValidationError, field_error
+from ..tools import sqlite_pages
 from ..tools.fsync import fsync_dir, fsync_path
 from ..tools.security import random_string
 from ..tools.threads import background_pool
@@ -317,6 +321,19 @@ def _files_under(root: Path) -> dict[str, Path]:
     return found
 
 
+def _same_content(a: Path, b: Path) -> bool:
+    """Whether two regular files hold the same bytes (read 1 MiB at a time: few trips holding the GIL)."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as left, open(b, "rb") as right:
+        while True:
+            chunk = left.read(1 << 20)
+            if chunk != right.read(1 << 20):
+                return False
+            if not chunk:
+                return True
+
+
 def _subdirs(root: Path) -> list[str]:
     if not root.is_dir() or root.is_symlink():
         return []
@@ -531,14 +548,14 @@ class _Restorer:
 
     # --- the summary -------------------------------------------------------------------
 
-    def count_records(self) -> None:
+    def count_records(self, live_file: int | None = None) -> None:
         """Count each target's records (``Target.summary``). Only on connections of its own, so
         that it can run beside the extraction of the files and the file planning (``plan_files``,
-        which uses ``self.conn``)."""
+        which uses ``self.conn``). ``live_file``: see ``_differing_ranges``."""
         conns = [self._reader() for _ in range(COUNT_WORKERS)]
         try:
             for target in self.targets:
-                self._count_records(target, conns)
+                self._count_records(target, conns, live_file)
         finally:
             for conn in conns:
                 conn.close()
@@ -576,7 +593,53 @@ class _Restorer:
     def _count(self, sql: str, conn: sqlite3.Connection | None = None) -> int:
         return int((conn or self.conn).execute(sql).fetchone()[0] or 0)
 
-    def _count_records(self, target: Target, conns: list[sqlite3.Connection]) -> None:
+    def _differing_ranges(self, target: Target, conn: sqlite3.Connection, other: sqlite3.Connection,
+                          live_file: int | None) -> list[tuple[int, int]] | None:
+        """The rowid ranges (inclusive) outside which the backup's table and the live one hold the
+        same rows byte for byte, found from their pages (``tools.sqlite_pages``); None when the
+        pages cannot tell (the live file not pinned, different table definitions or file formats,
+        records big enough for overflow pages). ``live_file``: a descriptor of the live data.db,
+        its content pinned at the instant the count's connections read (``Database.pinned_file``)."""
+        bk, cur = target.backup, target.current
+        if live_file is None or bk is None or cur is None:
+            return None
+        bk_sql, live_sql = self._table_sql("bk", bk["name"]), self._table_sql("main", cur["name"])
+        try:  # the same columns in the same order, with the same defaults
+            if bk_sql is None or live_sql is None or _rewrite_table(bk_sql, "x", "t") != _rewrite_table(live_sql, "x", "t"):
+                return None
+        except RestoreRefused:
+            return None
+        # The extracted file is this job's own: no other process has it open, so closing this
+        # descriptor takes no lock from anyone (unlike the live file's; see ``Database.open_file``).
+        fd = os.open(self.backup_db, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            formats = {sqlite_pages.header_info(os.pread(f, 100, 0)) for f in (fd, live_file)}
+            if len(formats) != 1 or None in formats:
+                return None
+            page_size, usable, _encoding = formats.pop()  # type: ignore[misc]
+            roots = [conn.execute(f"SELECT rootpage FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?",
+                                  (name,)).fetchone() for schema, name in (("bk", bk["name"]), ("main", cur["name"]))]
+            if any(root is None or not root[0] for root in roots):
+                return None
+            # No record of the backup's table may spill into overflow pages (elsewhere in the file):
+            # its largest record, found beside the walk of the pages (both read the whole table).
+            largest = _COUNT_THREADS.submit(lambda: other.execute("SELECT mx_payload FROM dbstat('bk', 1) WHERE name = ?",
+                                                                  (bk["name"],)).fetchone())
+            try:
+                ranges = sqlite_pages.differing_ranges(lambda at, size: os.pread(fd, size, at), int(roots[0][0]),
+                                                       lambda at, size: os.pread(live_file, size, at),
+                                                       int(roots[1][0]), page_size)
+            finally:
+                row = largest.result()
+            if row is None or row[0] is None or int(row[0]) > sqlite_pages.max_local_payload(usable):
+                return None
+            return ranges
+        except Exception:  # (a damaged backup, say: the walk of the records then tells, or fails with the reason)
+            return None
+        finally:
+            os.close(fd)
+
+    def _count_records(self, target: Target, conns: list[sqlite3.Connection], live_file: int | None = None) -> None:
         s = target.summary
         bk, cur = target.backup, target.current
         conn = conns[0]
@@ -613,8 +676,20 @@ class _Restorer:
         low, high = conn.execute(f"SELECT min(rowid), max(rowid) FROM {theirs}").fetchone()
         n_bk = paired = paired_same = 0
         if low is not None:
-            for row in _in_parallel(walk, _ranges(int(low), int(high), len(conns)), conns):
-                n_bk, paired, paired_same = n_bk + int(row[0]), paired + int(row[1]), paired_same + int(row[2])
+            # Leaves identical in both files settle their rows at once (``_differing_ranges``):
+            # only the other rowid ranges are walked, and the rows outside them count as paired
+            # and unchanged.
+            todo = self._differing_ranges(target, conn, conns[-1], live_file) if target.action == "replace" else None
+            if todo is None:
+                ranges = _ranges(int(low), int(high), len(conns))
+            else:
+                ranges = [(max(a, int(low)), min(b, int(high))) for a, b in todo if b >= low and a <= high]
+            if ranges:
+                for row in _walk_ranges(walk, ranges, conns):
+                    n_bk, paired, paired_same = n_bk + int(row[0]), paired + int(row[1]), paired_same + int(row[2])
+            if todo is not None:
+                settled = self._count(f"SELECT count(*) FROM {theirs}", conn) - n_bk
+                n_bk, paired, paired_same = n_bk + settled, paired + settled, paired_same + settled
         target.backup_rows = n_bk
         by_id = (0, 0)
         if paired < n_bk:
@@ -656,7 +731,7 @@ class _Restorer:
                 if rel not in ours:
                     files["added"] += 1
                     target.moves.append((str(path), str(final), "added"))
-                elif not filecmp.cmp(path, ours[rel], shallow=False):
+                elif not _same_content(path, ours[rel]):
                     files["replaced"] += 1
                     target.moves.append((str(path), str(final), "replaced"))
             for rel, path in ours.items():
@@ -921,6 +996,33 @@ def _ranges(low: int, high: int, parts: int) -> list[tuple[int, int]]:
     return [(start, min(high, start + step - 1)) for start in range(low, high + 1, step)]
 
 
+def _walk_ranges(sql: str, ranges: list[tuple[int, int]], conns: list[sqlite3.Connection]) -> list[tuple[Any, ...]]:
+    """``sql`` (one row, summed here column by column) over every range, the ranges shared out
+    between the connections (``_in_parallel``) by about equal spans of rowids."""
+    if len(ranges) <= len(conns):
+        return _in_parallel(sql, ranges, conns[:len(ranges)])
+    groups: list[list[tuple[int, int]]] = [[] for _ in conns]
+    spans = [0] * len(conns)
+    for bounds in sorted(ranges, key=lambda r: r[0] - r[1]):  # the widest first, to the least loaded
+        index = spans.index(min(spans))
+        groups[index].append(bounds)
+        spans[index] += bounds[1] - bounds[0] + 1
+    used = [(group, conn) for group, conn in zip(groups, conns) if group]
+
+    def walk_group(conn: sqlite3.Connection, group: list[tuple[int, int]]) -> tuple[Any, ...]:
+        rows = [tuple(conn.execute(sql, bounds).fetchone()) for bounds in group]
+        return tuple(sum(int(row[i] or 0) for row in rows) for i in range(len(rows[0])))
+
+    futures = [_COUNT_THREADS.submit(walk_group, conn, group) for group, conn in used[1:]]
+    try:
+        first = walk_group(used[0][1], used[0][0])
+    finally:
+        for future in futures:
+            with contextlib.suppress(BaseException):
+                future.result()
+    return [first, *(future.result() for future in futures)]
+
+
 def _in_parallel(sql: str, ranges: list[tuple[int, int]], conns: list[sqlite3.Connection]) -> list[tuple[Any, ...]]:
     """``sql`` (one row) for each range, the first on this thread, the others on ``_COUNT_THREADS``,
     each on its own connection; every one has ended when this returns (or raises)."""
@@ -1087,6 +1189,16 @@ async def _build(restorer: _Restorer, db: Database, job: Job) -> None:
             await _upsert_table(restorer, db, target, job)
 
 
+async def _count_records(restorer: _Restorer, db: Database) -> None:
+    """``restorer.count_records`` on its threads, with the live data.db pinned meanwhile (its
+    pages are compared with the backup's: ``_Restorer._differing_ranges``) when that can be had
+    at once. Called once the restored collections refuse writes, so their rows in the pinned
+    file are the ones the count's connections read."""
+    loop = asyncio.get_running_loop()
+    async with db.pinned_file() as live_file:
+        await loop.run_in_executor(_COUNT_THREADS, restorer.count_records, live_file)
+
+
 async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None:
     """The partial restore of ``job.key`` (or a dry run of it); ``job.summary`` gets the summary.
 
@@ -1134,6 +1246,7 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                 archive.extract, zip_path, work / "db", job.advance, job.cancel, set_total, False,
                 lambda path: path == "data.db" or (bool(guessed) and path.startswith(guessed)), on_verified))
             counting: asyncio.Future[None] | None = None
+            syncing: asyncio.Future[None] | None = None
             try:
                 await asyncio.wait([extracting, db_out], return_when=asyncio.FIRST_COMPLETED)
                 if not db_out.done():
@@ -1147,7 +1260,11 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                     async with manager.db.writes_paused():  # no write to them commits from now on
                         store.restoring |= names
                         held = names
-                counting = loop.run_in_executor(_COUNT_THREADS, restorer.count_records)
+                counting = asyncio.ensure_future(_count_records(restorer, manager.db))
+                # Beside the count and the rest of the extraction: (a replace, which may swap data.db
+                # for the extracted one) the extracted data.db written to disk.
+                if not request.dry_run and request.mode == "replace":
+                    syncing = asyncio.ensure_future(asyncio.to_thread(fsync_path, work / "db" / "data.db"))
                 await extracting
                 clock.lap("extracted")
                 missing = tuple(p for p in restorer.storage_prefixes() if p not in guessed)
@@ -1155,14 +1272,12 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                     await asyncio.to_thread(archive.extract, zip_path, work / "more", job.advance, job.cancel,
                                             set_total, False, lambda path: path.startswith(missing))
                     await asyncio.to_thread(_merge_dirs, work / "more" / "storage", work / "db" / "storage")
-                # Beside the count: the files compared, and (a replace, which may swap data.db for
-                # the extracted one) the extracted data.db written to disk.
-                if not request.dry_run and request.mode == "replace":
-                    await asyncio.to_thread(fsync_path, work / "db" / "data.db")
-                await asyncio.to_thread(restorer.plan_files)
+                await asyncio.to_thread(restorer.plan_files)  # (beside the count, too)
                 await counting
+                if syncing is not None:
+                    await syncing
             except BaseException:
-                await asyncio.wait([f for f in (extracting, counting) if f is not None])
+                await asyncio.wait([f for f in (extracting, counting, syncing) if f is not None])
                 if not extracting.cancelled() and extracting.exception() is not None:
                     raise extracting.exception() from None  # a damaged backup first, as it is the cause
                 raise
