@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -356,6 +357,9 @@ class _Restorer:
         self.token = token
         self.dry_run = request.dry_run
         self.targets: list[Target] = []
+        self.notes: list[str] = []  # how the count went (for the log)
+        self.manifest_files: dict[str, Any] | None = None  # the backup's manifest's "files", once extracted
+        self.live_hashes: dict[str, tuple[int, str]] = {}  # current file -> (size, SHA-256): ``hash_live_files``
         self.committed = False
         self.file_mode = False  # the whole data.db is swapped (see ``choose_file_mode``)
         self._counted = False
@@ -475,6 +479,13 @@ class _Restorer:
         faults.point("partial-before-commit")
         for leftover in (wal, live_db.with_name("data.db-shm")):
             leftover.unlink(missing_ok=True)
+        # The replaced file keeps a name in the work directory: freeing its blocks (a tenth of a
+        # second for the reference data.db) is left to the work directory's removal, after the
+        # connections are open again, instead of being done by this rename while reads wait.
+        kept = self.work / "replaced.db"
+        kept.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.link(live_db, kept)
         os.replace(self.backup_db, live_db)
         fsync_dir(self.root)
         self.committed = True
@@ -690,6 +701,9 @@ class _Restorer:
             if todo is not None:
                 settled = self._count(f"SELECT count(*) FROM {theirs}", conn) - n_bk
                 n_bk, paired, paired_same = n_bk + settled, paired + settled, paired_same + settled
+                self.notes.append(f"{bk['name']}: {settled} rows settled by their pages, {n_bk - settled} walked")
+            else:
+                self.notes.append(f"{bk['name']}: {n_bk} rows walked")
         target.backup_rows = n_bk
         by_id = (0, 0)
         if paired < n_bk:
@@ -700,6 +714,37 @@ class _Restorer:
         shared, same = paired + int(by_id[0]), paired_same + int(by_id[1])
         s.update(inserted=n_bk - shared, updated=shared - same, unchanged=same,
                  deleted=n_live - shared if target.action == "replace" else 0)
+
+    def hash_live_files(self) -> None:
+        """The SHA-256 of the current files the backup's may replace (``storage/<id>/`` of each
+        target once restored), so that ``plan_files`` can compare them with the manifest's instead
+        of reading both files. Done beside the count and the rest of the extraction, the restored
+        collections already refusing writes (their files do not change meanwhile)."""
+        for target in self.targets:
+            if target.backup is None or target.action not in ("replace", "create", "merge"):
+                continue
+            dest = target.backup if target.action in ("replace", "create") else target.current  # (as _plan_files)
+            if dest is None:
+                continue
+            for path in _files_under(self.storage / dest["id"]).values():
+                digest = hashlib.sha256()
+                try:
+                    with open(path, "rb") as handle:
+                        while chunk := handle.read(1 << 20):
+                            digest.update(chunk)
+                        size = os.fstat(handle.fileno()).st_size
+                except OSError:
+                    continue  # (compared byte for byte then)
+                self.live_hashes[str(path)] = (size, digest.hexdigest())
+
+    def _same_file(self, name: str, staged: Path, live: Path) -> bool:
+        """Whether the backup's file ``name`` (extracted to ``staged``: its bytes are the
+        manifest's) holds the same bytes as the current file ``live``."""
+        listed = (self.manifest_files or {}).get(name)
+        known = self.live_hashes.get(str(live))
+        if isinstance(listed, dict) and known is not None and isinstance(listed.get("sha256"), str):
+            return known == (listed.get("size"), listed["sha256"])
+        return _same_content(staged, live)
 
     def _plan_files(self, target: Target) -> None:
         files = target.summary["files"]
@@ -731,7 +776,7 @@ class _Restorer:
                 if rel not in ours:
                     files["added"] += 1
                     target.moves.append((str(path), str(final), "added"))
-                elif not _same_content(path, ours[rel]):
+                elif not self._same_file(f"storage/{bk['id']}/{record}/{rel}", path, ours[rel]):
                     files["replaced"] += 1
                     target.moves.append((str(path), str(final), "replaced"))
             for rel, path in ours.items():
@@ -1189,13 +1234,15 @@ async def _build(restorer: _Restorer, db: Database, job: Job) -> None:
             await _upsert_table(restorer, db, target, job)
 
 
-async def _count_records(restorer: _Restorer, db: Database) -> None:
+async def _count_records(restorer: _Restorer, db: Database, pinned: Callable[[], None]) -> None:
     """``restorer.count_records`` on its threads, with the live data.db pinned meanwhile (its
     pages are compared with the backup's: ``_Restorer._differing_ranges``) when that can be had
     at once. Called once the restored collections refuse writes, so their rows in the pinned
-    file are the ones the count's connections read."""
+    file are the ones the count's connections read. ``pinned`` is called once the pin is
+    settled (its checkpoint, made with writers waiting, is not to share the disk with an fsync)."""
     loop = asyncio.get_running_loop()
     async with db.pinned_file() as live_file:
+        pinned()
         await loop.run_in_executor(_COUNT_THREADS, restorer.count_records, live_file)
 
 
@@ -1247,6 +1294,7 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                 lambda path: path == "data.db" or (bool(guessed) and path.startswith(guessed)), on_verified))
             counting: asyncio.Future[None] | None = None
             syncing: asyncio.Future[None] | None = None
+            hashing: asyncio.Future[None] | None = None
             try:
                 await asyncio.wait([extracting, db_out], return_when=asyncio.FIRST_COMPLETED)
                 if not db_out.done():
@@ -1260,24 +1308,34 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                     async with manager.db.writes_paused():  # no write to them commits from now on
                         store.restoring |= names
                         held = names
-                counting = asyncio.ensure_future(_count_records(restorer, manager.db))
-                # Beside the count and the rest of the extraction: (a replace, which may swap data.db
-                # for the extracted one) the extracted data.db written to disk.
-                if not request.dry_run and request.mode == "replace":
-                    syncing = asyncio.ensure_future(asyncio.to_thread(fsync_path, work / "db" / "data.db"))
-                await extracting
+                # Beside the count and the rest of the extraction: the current files hashed, and (a
+                # replace, which may swap data.db for the extracted one) the extracted data.db
+                # written to disk.
+                sync = not request.dry_run and request.mode == "replace"
+
+                def start_sync() -> None:
+                    nonlocal syncing
+                    if sync and syncing is None:
+                        syncing = asyncio.ensure_future(asyncio.to_thread(fsync_path, work / "db" / "data.db"))
+
+                counting = asyncio.ensure_future(_count_records(restorer, manager.db, start_sync))
+                hashing = loop.run_in_executor(_FILE_THREADS, restorer.hash_live_files)
+                manifest = await extracting
+                restorer.manifest_files = (manifest or {}).get("files")
                 clock.lap("extracted")
                 missing = tuple(p for p in restorer.storage_prefixes() if p not in guessed)
                 if missing:
                     await asyncio.to_thread(archive.extract, zip_path, work / "more", job.advance, job.cancel,
                                             set_total, False, lambda path: path.startswith(missing))
                     await asyncio.to_thread(_merge_dirs, work / "more" / "storage", work / "db" / "storage")
+                await hashing
                 await asyncio.to_thread(restorer.plan_files)  # (beside the count, too)
                 await counting
+                start_sync()  # (if the count failed before its pin)
                 if syncing is not None:
                     await syncing
             except BaseException:
-                await asyncio.wait([f for f in (extracting, counting, syncing) if f is not None])
+                await asyncio.wait([f for f in (extracting, counting, syncing, hashing) if f is not None])
                 if not extracting.cancelled() and extracting.exception() is not None:
                     raise extracting.exception() from None  # a damaged backup first, as it is the cause
                 raise
@@ -1309,7 +1367,8 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                                                    and t.action != "keep"])
         await asyncio.to_thread(restorer.forget)
         clock.lap("old tables deleted")
-        logger.info("partial restore of %s (%s): %s", job.key, ", ".join(t.name for t in restorer.targets), clock)
+        logger.info("partial restore of %s (%s): %s; %s", job.key, ", ".join(t.name for t in restorer.targets), clock,
+                    "; ".join(restorer.notes))
     except BaseException:
         if restorer is not None and not restorer.committed:
             await _abort(restorer, manager.db)
@@ -1319,7 +1378,7 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
         if restorer is not None:
             await asyncio.to_thread(restorer.close)
         if restorer is None or not restorer.committed or (work / "journal.json").exists() is False:
-            await asyncio.to_thread(shutil.rmtree, work, True)
+            await asyncio.to_thread(_discard, work, manager.datadir.temp, token)
 
 
 async def _swap_file(restorer: _Restorer, manager: BackupManager, job: Job, held: set[str], clock: _Clock) -> None:
@@ -1346,8 +1405,8 @@ async def _swap_file(restorer: _Restorer, manager: BackupManager, job: Job, held
     faults.point("partial-files-done")
     await asyncio.to_thread(restorer.forget)
     clock.lap("files")
-    logger.info("partial restore of %s (%s, data.db swapped): %s", job.key,
-                ", ".join(t.name for t in restorer.targets), clock)
+    logger.info("partial restore of %s (%s, data.db swapped): %s; %s", job.key,
+                ", ".join(t.name for t in restorer.targets), clock, "; ".join(restorer.notes))
 
 
 async def _abort(restorer: _Restorer, db: Database) -> None:
@@ -1385,6 +1444,25 @@ def _merge_dirs(source: Path, target: Path) -> None:
         for entry in os.listdir(source):
             if not (target / entry).exists():
                 os.rename(source / entry, target / entry)
+
+
+_DISCARD_THREADS = background_pool(1, "partial-discard")
+_FILE_THREADS = background_pool(1, "partial-files")
+
+
+def _discard(work: Path, temp: Path, token: str) -> None:
+    """Remove the work directory: at once from where the next job looks, then its content (the
+    extracted files, the replaced data.db) in the background, at low priority: the job is done
+    without waiting for the blocks to be freed. Whatever a crash leaves in ``temp`` goes at the
+    next start (``DataDir.prepare``)."""
+    trash = temp / f"partial_restore_{token}"
+    try:
+        temp.mkdir(exist_ok=True)
+        os.rename(work, trash)
+    except OSError:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    _DISCARD_THREADS.submit(shutil.rmtree, trash, True)
 
 
 def _fresh_dir(path: Path) -> None:
