@@ -198,27 +198,6 @@ class Database:
         finally:
             self._reads_open.set()
 
-    @asynccontextmanager
-    async def pinned_file(self, attempts: int = 5) -> AsyncIterator[int | None]:
-        """A descriptor of the main file (``open_file``) whose content stays, while the context
-        lasts, the database at one instant: ``snapshot``'s fast way (the WAL checkpointed with our
-        writers paused for a moment, then a read transaction on the main file alone), tried
-        ``attempts`` times. None if it could not be had (no copy is made: the caller reads the
-        database through SQL instead)."""
-        conn = await asyncio.to_thread(_snapshot_connection, self.path)
-        try:
-            pinned = False
-            for attempt in range(attempts):
-                await asyncio.to_thread(_passive_checkpoint, conn)
-                async with self._write_lock:
-                    pinned = await asyncio.to_thread(_pin_main_file, conn, self.path)
-                if pinned or attempt == attempts - 1:
-                    break
-                await asyncio.sleep(0.02)
-            yield self.open_file().fileno() if pinned else None
-        finally:
-            await asyncio.to_thread(conn.close)
-
     async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None

@@ -11,8 +11,8 @@ The job, step by step (``run``):
    paused and checked inside every write transaction, so nothing that commits later is lost).
 3. The summary is counted (SQL over the live table and the backup's, ``ATTACH``ed read-only),
    from the moment data.db is verified, beside the rest of the extraction. For a ``replace``,
-   the two tables' pages are compared first (``tools.sqlite_pages``, the live file pinned at
-   the count's instant: ``Database.pinned_file``): rows on leaves identical in both files are
+   the two tables' pages are compared first (``tools.sqlite_pages``; the live WAL checkpointed
+   once the collections refuse writes: ``_count_records``): rows on leaves identical in both files are
    unchanged without being decoded, and only the other rowid ranges are walked record by record.
 4. Each collection is rebuilt beside the live one, in a shadow table of ``data.db``: ``replace``
    copies the backup's table (its own DDL and indexes); ``merge`` copies the live table, then
@@ -608,9 +608,9 @@ class _Restorer:
                           live_file: int | None) -> list[tuple[int, int]] | None:
         """The rowid ranges (inclusive) outside which the backup's table and the live one hold the
         same rows byte for byte, found from their pages (``tools.sqlite_pages``); None when the
-        pages cannot tell (the live file not pinned, different table definitions or file formats,
-        records big enough for overflow pages). ``live_file``: a descriptor of the live data.db,
-        its content pinned at the instant the count's connections read (``Database.pinned_file``)."""
+        pages cannot tell (the live file not checkpointed, different table definitions or file formats,
+        records big enough for overflow pages). ``live_file``: a descriptor of the live data.db
+        whose pages of this table are current and stay so (``_count_records``)."""
         bk, cur = target.backup, target.current
         if live_file is None or bk is None or cur is None:
             return None
@@ -1234,16 +1234,47 @@ async def _build(restorer: _Restorer, db: Database, job: Job) -> None:
             await _upsert_table(restorer, db, target, job)
 
 
-async def _count_records(restorer: _Restorer, db: Database, pinned: Callable[[], None]) -> None:
-    """``restorer.count_records`` on its threads, with the live data.db pinned meanwhile (its
-    pages are compared with the backup's: ``_Restorer._differing_ranges``) when that can be had
-    at once. Called once the restored collections refuse writes, so their rows in the pinned
-    file are the ones the count's connections read. ``pinned`` is called once the pin is
-    settled (its checkpoint, made with writers waiting, is not to share the disk with an fsync)."""
+async def _count_records(restorer: _Restorer, db: Database, guarded: bool, checkpointed: Callable[[], None]) -> None:
+    """``restorer.count_records`` on its threads. When the restored collections refuse writes
+    (``guarded``: a real run) and the live WAL could be checkpointed completely since, the live
+    data.db file itself holds their tables' current pages, and keeps them (no write to those
+    tables commits any more, and without auto-vacuum no other write moves their pages), so the
+    count compares them with the backup's (``_Restorer._differing_ranges``), read through the
+    database's own descriptor (``Database.open_file``). No lock is taken: writers go on.
+    ``checkpointed`` is called once that is settled (the checkpoint's fsync is not to share the
+    disk with the extracted file's)."""
     loop = asyncio.get_running_loop()
-    async with db.pinned_file() as live_file:
-        pinned()
-        await loop.run_in_executor(_COUNT_THREADS, restorer.count_records, live_file)
+    live_file: int | None = None
+    try:
+        if guarded and await loop.run_in_executor(_COUNT_THREADS, _checkpoint_fully, db.path):
+            live_file = db.open_file().fileno()
+    finally:
+        checkpointed()
+    await loop.run_in_executor(_COUNT_THREADS, restorer.count_records, live_file)
+
+
+def _checkpoint_fully(path: Path, attempts: int = 10) -> bool:
+    """Whether every frame of the WAL of ``path`` is now in the main file (a passive checkpoint,
+    which waits for no one, tried a few times as readers end), and it has no auto-vacuum."""
+    try:
+        conn = sqlite3.connect(path, timeout=0.05, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error:
+        return False
+    try:
+        if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 0:
+            return False
+        if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            return False
+        for attempt in range(attempts):
+            busy, log, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not busy and log == done:
+                return True
+            time.sleep(0.02)
+        return False
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
 
 
 async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None:
@@ -1271,7 +1302,7 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
     try:
         info = await storage.stat(job.key)
         job.bytes_total = info.size if info is not None else 0
-        from .manager import job_plain_copy  # (the manager imports this module)
+        from .manager import _in_background, job_plain_copy  # (the manager imports this module)
 
         async with job_plain_copy(manager, job) as zip_path:
             faults.point("partial-fetched")
@@ -1289,7 +1320,7 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
 
             # The records are counted from the moment data.db's bytes match the manifest, while
             # its database check and the files go on (without a manifest: once all is checked).
-            extracting = asyncio.ensure_future(asyncio.to_thread(
+            extracting = asyncio.ensure_future(_in_background(
                 archive.extract, zip_path, work / "db", job.advance, job.cancel, set_total, False,
                 lambda path: path == "data.db" or (bool(guessed) and path.startswith(guessed)), on_verified))
             counting: asyncio.Future[None] | None = None
@@ -1318,18 +1349,18 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                     if sync and syncing is None:
                         syncing = asyncio.ensure_future(asyncio.to_thread(fsync_path, work / "db" / "data.db"))
 
-                counting = asyncio.ensure_future(_count_records(restorer, manager.db, start_sync))
+                counting = asyncio.ensure_future(_count_records(restorer, manager.db, not request.dry_run, start_sync))
                 hashing = loop.run_in_executor(_FILE_THREADS, restorer.hash_live_files)
                 manifest = await extracting
                 restorer.manifest_files = (manifest or {}).get("files")
                 clock.lap("extracted")
                 missing = tuple(p for p in restorer.storage_prefixes() if p not in guessed)
                 if missing:
-                    await asyncio.to_thread(archive.extract, zip_path, work / "more", job.advance, job.cancel,
-                                            set_total, False, lambda path: path.startswith(missing))
+                    await _in_background(archive.extract, zip_path, work / "more", job.advance, job.cancel,
+                                         set_total, False, lambda path: path.startswith(missing))
                     await asyncio.to_thread(_merge_dirs, work / "more" / "storage", work / "db" / "storage")
                 await hashing
-                await asyncio.to_thread(restorer.plan_files)  # (beside the count, too)
+                await _in_background(restorer.plan_files)  # (beside the count, too)
                 await counting
                 start_sync()  # (if the count failed before its pin)
                 if syncing is not None:
