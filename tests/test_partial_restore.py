@@ -639,6 +639,27 @@ def test_the_page_comparison_leaves_out_only_rows_alike_in_both_files(tmp_path: 
     conn.close()
     assert all(any(low <= r <= high for low, high in ranges(a, b)) for r in differing)
 
+    # No overflow page anywhere in a file (a free list, too), told from the b-trees' interior pages.
+    def without_overflow(path: Path) -> bool:
+        conn = sqlite3.connect(path)
+        trees = [row[0] for row in conn.execute("SELECT rootpage FROM sqlite_master WHERE rootpage > 0")]
+        conn.close()
+        with open(path, "rb") as handle:
+            return sqlite_pages.without_overflow(lambda at, n: os.pread(handle.fileno(), n, at), 4096, [1, *trees])
+
+    conn = sqlite3.connect(a)
+    conn.execute("CREATE INDEX t_title ON t (title)")
+    conn.execute("DELETE FROM t WHERE rowid % 7 = 0")
+    conn.commit()
+    assert without_overflow(a)
+    conn.execute("INSERT INTO t (id, title, n) VALUES ('big', ?, 0)", ("y" * 5000,))
+    conn.commit()
+    assert not without_overflow(a)
+    conn.execute("DELETE FROM t WHERE id = 'big'")
+    conn.commit()
+    conn.close()
+    assert without_overflow(a)
+
 
 def test_a_replace_of_a_big_table_counts_what_changed_also_where_pages_are_alike(fresh_server: ServerProcess) -> None:
     """The summary of a replace compares the two tables' pages first (identical leaves settle

@@ -604,7 +604,7 @@ class _Restorer:
     def _count(self, sql: str, conn: sqlite3.Connection | None = None) -> int:
         return int((conn or self.conn).execute(sql).fetchone()[0] or 0)
 
-    def _differing_ranges(self, target: Target, conn: sqlite3.Connection, other: sqlite3.Connection,
+    def _differing_ranges(self, target: Target, conn: sqlite3.Connection,
                           live_file: int | None) -> list[tuple[int, int]] | None:
         """The rowid ranges (inclusive) outside which the backup's table and the live one hold the
         same rows byte for byte, found from their pages (``tools.sqlite_pages``); None when the
@@ -632,18 +632,17 @@ class _Restorer:
                                   (name,)).fetchone() for schema, name in (("bk", bk["name"]), ("main", cur["name"]))]
             if any(root is None or not root[0] for root in roots):
                 return None
+            ranges = sqlite_pages.differing_ranges(lambda at, size: os.pread(fd, size, at), int(roots[0][0]),
+                                                   lambda at, size: os.pread(live_file, size, at),
+                                                   int(roots[1][0]), page_size)
             # No record of the backup's table may spill into overflow pages (elsewhere in the file):
-            # its largest record, found beside the walk of the pages (both read the whole table).
-            largest = _COUNT_THREADS.submit(lambda: other.execute("SELECT mx_payload FROM dbstat('bk', 1) WHERE name = ?",
-                                                                  (bk["name"],)).fetchone())
-            try:
-                ranges = sqlite_pages.differing_ranges(lambda at, size: os.pread(fd, size, at), int(roots[0][0]),
-                                                       lambda at, size: os.pread(live_file, size, at),
-                                                       int(roots[1][0]), page_size)
-            finally:
-                row = largest.result()
-            if row is None or row[0] is None or int(row[0]) > sqlite_pages.max_local_payload(usable):
-                return None
+            # the file has none at all (its b-trees' interior pages tell), or else the table's
+            # largest record says so (``dbstat``, which reads the whole table).
+            trees = [int(row[0]) for row in conn.execute("SELECT rootpage FROM bk.sqlite_master WHERE rootpage > 0")]
+            if not sqlite_pages.without_overflow(lambda at, size: os.pread(fd, size, at), page_size, [1, *trees]):
+                row = conn.execute("SELECT mx_payload FROM dbstat('bk', 1) WHERE name = ?", (bk["name"],)).fetchone()
+                if row is None or row[0] is None or int(row[0]) > sqlite_pages.max_local_payload(usable):
+                    return None
             return ranges
         except Exception:  # (a damaged backup, say: the walk of the records then tells, or fails with the reason)
             return None
@@ -690,7 +689,7 @@ class _Restorer:
             # Leaves identical in both files settle their rows at once (``_differing_ranges``):
             # only the other rowid ranges are walked, and the rows outside them count as paired
             # and unchanged.
-            todo = self._differing_ranges(target, conn, conns[-1], live_file) if target.action == "replace" else None
+            todo = self._differing_ranges(target, conn, live_file) if target.action == "replace" else None
             if todo is None:
                 ranges = _ranges(int(low), int(high), len(conns))
             else:

@@ -161,3 +161,49 @@ def differing_ranges(read_a: Reader, root_a: int, read_b: Reader, root_b: int,
         else:
             merged.append((low, high))
     return merged
+
+
+def without_overflow(read: Reader, page_size: int, roots: list[int]) -> bool:
+    """Whether a database file (not auto-vacuumed) has no overflow page at all, so that no record
+    of any table spills out of its leaf: its pages are exactly those of its b-trees (``roots``:
+    every table's and index's root page, 1 included), counted from their interior pages alone,
+    the free list's and the lock-byte page. False when it has others, or cannot tell."""
+    header = read(0, 100)
+    if header_info(header) is None or struct.unpack_from(">I", header, 52)[0] != 0:
+        return False
+    freelist = struct.unpack_from(">I", header, 36)[0]
+    pages = struct.unpack_from(">I", header, 28)[0]
+    if pages <= 0 or len(read((pages - 1) * page_size, page_size)) != page_size or \
+            read(pages * page_size, 1):
+        return False  # (the header's page count is not the file's)
+    counted = freelist + (1 if pages > (1 << 30) // page_size else 0)
+    for root in roots:
+        level = [root]
+        for _depth in range(_MAX_DEPTH):
+            first = read((level[0] - 1) * page_size, page_size)
+            offset = 100 if level[0] == 1 else 0
+            if len(first) != page_size:
+                return False
+            kind = first[offset]
+            if kind in (_LEAF, 0x0A):
+                counted += len(level)
+                break
+            if kind not in (_INTERIOR, 0x02):
+                return False
+            children: list[int] = []
+            for number in level:
+                page = first if number == level[0] else read((number - 1) * page_size, page_size)
+                offset = 100 if number == 1 else 0
+                if len(page) != page_size or page[offset] != kind:
+                    return False
+                count = struct.unpack_from(">H", page, offset + 3)[0]
+                pointers = struct.unpack_from(f">{count}H", page, offset + 12)
+                children.extend(struct.unpack_from(">I", page, pointer)[0] for pointer in pointers)
+                children.append(struct.unpack_from(">I", page, offset + 8)[0])
+            counted += len(level)
+            if not children or counted + len(children) > pages:
+                return False
+            level = children
+        else:
+            return False
+    return counted == pages
