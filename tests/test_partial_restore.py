@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -582,3 +583,128 @@ def test_the_count_splits_rowid_ranges_without_gaps_or_overlaps() -> None:
         assert ranges[0][0] == low and ranges[-1][1] == high
         assert all(a <= b for a, b in ranges)
         assert all(ranges[i][1] + 1 == ranges[i + 1][0] for i in range(len(ranges) - 1))
+
+
+def test_the_page_comparison_leaves_out_only_rows_alike_in_both_files(tmp_path: Path) -> None:
+    """``tools.sqlite_pages``: a copy of a multi-level table, then changed in place, resized,
+    deleted, inserted in the middle and at the end: every rowid whose row differs (or is in one
+    file only) is in a returned range, and the ranges are a small part of the table."""
+    from server.tools import sqlite_pages
+
+    def rows(path: Path) -> dict[int, tuple[Any, ...]]:
+        conn = sqlite3.connect(path)
+        try:
+            return {row[0]: row[1:] for row in conn.execute("SELECT rowid, * FROM t")}
+        finally:
+            conn.close()
+
+    def ranges(a: Path, b: Path) -> list[tuple[int, int]]:
+        roots = [sqlite3.connect(p).execute("SELECT rootpage FROM sqlite_master WHERE name = 't'").fetchone()[0]
+                 for p in (a, b)]
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            infos = {sqlite_pages.header_info(f.read(100)) for f in (fa, fb)}
+            assert len(infos) == 1
+            page_size = infos.pop()[0]
+            return sqlite_pages.differing_ranges(lambda at, n: os.pread(fa.fileno(), n, at), roots[0],
+                                                 lambda at, n: os.pread(fb.fileno(), n, at), roots[1], page_size)
+
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+    conn = sqlite3.connect(a)
+    conn.execute("CREATE TABLE t (id TEXT PRIMARY KEY NOT NULL, title TEXT NOT NULL, n INTEGER)")
+    conn.executemany("INSERT INTO t (rowid, id, title, n) VALUES (?, ?, ?, ?)",
+                     [(i * 3, f"id{i:08d}", f"title {i} " + "x" * (i % 150), i) for i in range(1, 30_000)])
+    conn.commit()
+    conn.close()
+    shutil.copyfile(a, b)
+    assert ranges(a, b) == []  # identical: every row settled by its page
+    conn = sqlite3.connect(b)
+    conn.execute("UPDATE t SET n = -1 WHERE rowid = 300")  # same size
+    conn.execute("UPDATE t SET title = title || ' longer by far than before' WHERE rowid = 45000")
+    conn.execute("DELETE FROM t WHERE rowid IN (60000, 60003)")
+    conn.execute("INSERT INTO t (rowid, id, title, n) VALUES (70001, 'inserted', 'in the middle', 0)")
+    conn.execute("INSERT INTO t (rowid, id, title, n) VALUES (200000, 'appended', 'at the end', 0)")
+    conn.commit()
+    conn.close()
+    before, after = rows(a), rows(b)
+    differing = {r for r in before.keys() | after.keys() if before.get(r) != after.get(r)}
+    assert differing == {300, 45000, 60000, 60003, 70001, 200000}
+    found = ranges(a, b)
+    assert all(any(low <= r <= high for low, high in found) for r in differing), found
+    covered = sum(1 for r in before if any(low <= r <= high for low, high in found))
+    assert 0 < covered < len(before) // 20, (covered, found)
+    # Either file first; a table whose root differs is one range, everything.
+    assert all(any(low <= r <= high for low, high in ranges(b, a)) for r in differing)
+    conn = sqlite3.connect(b)
+    conn.execute("VACUUM")
+    conn.close()
+    assert all(any(low <= r <= high for low, high in ranges(a, b)) for r in differing)
+
+    # No overflow page anywhere in a file (a free list, too), told from the b-trees' interior pages.
+    def without_overflow(path: Path) -> bool:
+        conn = sqlite3.connect(path)
+        trees = [row[0] for row in conn.execute("SELECT rootpage FROM sqlite_master WHERE rootpage > 0")]
+        conn.close()
+        with open(path, "rb") as handle:
+            return sqlite_pages.without_overflow(lambda at, n: os.pread(handle.fileno(), n, at), 4096, [1, *trees])
+
+    conn = sqlite3.connect(a)
+    conn.execute("CREATE INDEX t_title ON t (title)")
+    conn.execute("DELETE FROM t WHERE rowid % 7 = 0")
+    conn.commit()
+    assert without_overflow(a)
+    conn.execute("INSERT INTO t (id, title, n) VALUES ('big', ?, 0)", ("y" * 5000,))
+    conn.commit()
+    assert not without_overflow(a)
+    conn.execute("DELETE FROM t WHERE id = 'big'")
+    conn.commit()
+    conn.close()
+    assert without_overflow(a)
+
+
+def test_a_replace_of_a_big_table_counts_what_changed_also_where_pages_are_alike(fresh_server: ServerProcess) -> None:
+    """The summary of a replace compares the two tables' pages first (identical leaves settle
+    their rows); changed, deleted and new records are still counted exactly (the dry run, which
+    walks every record, says the same), and a record big enough for overflow pages (its leaf
+    alike, its tail changed) is not taken for unchanged."""
+    api = Api(fresh_server)
+    su = login(fresh_server)
+    make_notes(api, su, "orders")
+    fresh_server.stop()
+    conn = sqlite3.connect(fresh_server.data_dir / "data.db")
+    with conn:
+        conn.executemany("INSERT INTO orders (id, title, n, doc) VALUES (?, ?, ?, '')",
+                         [(f"bulk{i:011d}", f"bulk record {i} " + "x" * 80, i) for i in range(6000)])
+    conn.close()
+    fresh_server.start()
+    su = login(fresh_server)
+    backup(fresh_server, "night.zip")
+    for record, change in (("bulk00000000100", {"title": "changed"}), ("bulk00000003000", {"n": -1})):
+        assert api.http.patch(f"/api/collections/orders/records/{record}", headers=su, json=change).status_code == 200
+    for record in ("bulk00000002000", "bulk00000004000"):
+        assert api.http.delete(f"/api/collections/orders/records/{record}", headers=su).status_code == 204
+    for i in range(3):
+        add_note(api, su, f"since {i}", i, collection="orders")
+    expected = {"inserted": 2, "updated": 2, "deleted": 3, "unchanged": 5996, "action": "replace",
+                "files": {"added": 0, "replaced": 0, "removed": 0}}
+    dry = restore_partial(fresh_server, "night.zip", {"collections": ["orders"], "mode": "replace", "dryRun": True})
+    assert dry["summary"]["collections"]["orders"] == expected, dry
+    last = restore_partial(fresh_server, "night.zip", {"collections": ["orders"], "mode": "replace"})
+    assert last["ok"] is True and last["summary"]["collections"]["orders"] == expected, last
+
+    # A record of 6000 characters: its tail (and only it) changed since the backup, in place.
+    fresh_server.stop()
+    conn = sqlite3.connect(fresh_server.data_dir / "data.db")
+    with conn:
+        conn.execute("INSERT INTO orders (id, title, n, doc) VALUES ('big000000000000', ?, 1, '')", ("b" * 6000,))
+    conn.close()
+    fresh_server.start()
+    backup(fresh_server, "big.zip")
+    fresh_server.stop()
+    conn = sqlite3.connect(fresh_server.data_dir / "data.db")
+    with conn:
+        conn.execute("UPDATE orders SET title = substr(title, 1, 5999) || 'c' WHERE id = 'big000000000000'")
+    conn.close()
+    fresh_server.start()
+    last = restore_partial(fresh_server, "big.zip", {"collections": ["orders"], "mode": "replace"})
+    assert last["summary"]["collections"]["orders"] == dict(expected, inserted=0, updated=1, deleted=0,
+                                                            unchanged=6000), last

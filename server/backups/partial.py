@@ -9,7 +9,11 @@ The job, step by step (``run``):
 2. The chosen collections are resolved against the backup and the current data (``Target``).
    A real run now refuses writes to them (``CollectionStore.restoring``, set with the writers
    paused and checked inside every write transaction, so nothing that commits later is lost).
-3. The summary is counted (SQL over the live table and the backup's, ``ATTACH``ed read-only).
+3. The summary is counted (SQL over the live table and the backup's, ``ATTACH``ed read-only),
+   from the moment data.db is verified, beside the rest of the extraction. For a ``replace``,
+   the two tables' pages are compared first (``tools.sqlite_pages``; the live WAL checkpointed
+   once the collections refuse writes: ``_count_records``): rows on leaves identical in both files are
+   unchanged without being decoded, and only the other rowid ranges are walked record by record.
 4. Each collection is rebuilt beside the live one, in a shadow table of ``data.db``: ``replace``
    copies the backup's table (its own DDL and indexes); ``merge`` copies the live table, then
    upserts the backup's records (the backup wins). Every batch is a short transaction taken
@@ -39,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import filecmp
+import hashlib
 import json
 import logging
 import math
@@ -58,6 +62,7 @@ from .. import faults
 from .. import fields as F
 from .. import values as V
 from ..errors import BadRequest, ValidationError, field_error
+from ..tools import sqlite_pages
 from ..tools.fsync import fsync_dir, fsync_path
 from ..tools.security import random_string
 from ..tools.threads import background_pool
@@ -317,6 +322,19 @@ def _files_under(root: Path) -> dict[str, Path]:
     return found
 
 
+def _same_content(a: Path, b: Path) -> bool:
+    """Whether two regular files hold the same bytes (read 1 MiB at a time: few trips holding the GIL)."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as left, open(b, "rb") as right:
+        while True:
+            chunk = left.read(1 << 20)
+            if chunk != right.read(1 << 20):
+                return False
+            if not chunk:
+                return True
+
+
 def _subdirs(root: Path) -> list[str]:
     if not root.is_dir() or root.is_symlink():
         return []
@@ -339,6 +357,9 @@ class _Restorer:
         self.token = token
         self.dry_run = request.dry_run
         self.targets: list[Target] = []
+        self.notes: list[str] = []  # how the count went (for the log)
+        self.manifest_files: dict[str, Any] | None = None  # the backup's manifest's "files", once extracted
+        self.live_hashes: dict[str, tuple[int, str]] = {}  # current file -> (size, SHA-256): ``hash_live_files``
         self.committed = False
         self.file_mode = False  # the whole data.db is swapped (see ``choose_file_mode``)
         self._counted = False
@@ -458,6 +479,13 @@ class _Restorer:
         faults.point("partial-before-commit")
         for leftover in (wal, live_db.with_name("data.db-shm")):
             leftover.unlink(missing_ok=True)
+        # The replaced file keeps a name in the work directory: freeing its blocks (a tenth of a
+        # second for the reference data.db) is left to the work directory's removal, after the
+        # connections are open again, instead of being done by this rename while reads wait.
+        kept = self.work / "replaced.db"
+        kept.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.link(live_db, kept)
         os.replace(self.backup_db, live_db)
         fsync_dir(self.root)
         self.committed = True
@@ -531,14 +559,14 @@ class _Restorer:
 
     # --- the summary -------------------------------------------------------------------
 
-    def count_records(self) -> None:
+    def count_records(self, live_file: int | None = None) -> None:
         """Count each target's records (``Target.summary``). Only on connections of its own, so
         that it can run beside the extraction of the files and the file planning (``plan_files``,
-        which uses ``self.conn``)."""
+        which uses ``self.conn``). ``live_file``: see ``_differing_ranges``."""
         conns = [self._reader() for _ in range(COUNT_WORKERS)]
         try:
             for target in self.targets:
-                self._count_records(target, conns)
+                self._count_records(target, conns, live_file)
         finally:
             for conn in conns:
                 conn.close()
@@ -576,7 +604,52 @@ class _Restorer:
     def _count(self, sql: str, conn: sqlite3.Connection | None = None) -> int:
         return int((conn or self.conn).execute(sql).fetchone()[0] or 0)
 
-    def _count_records(self, target: Target, conns: list[sqlite3.Connection]) -> None:
+    def _differing_ranges(self, target: Target, conn: sqlite3.Connection,
+                          live_file: int | None) -> list[tuple[int, int]] | None:
+        """The rowid ranges (inclusive) outside which the backup's table and the live one hold the
+        same rows byte for byte, found from their pages (``tools.sqlite_pages``); None when the
+        pages cannot tell (the live file not checkpointed, different table definitions or file formats,
+        records big enough for overflow pages). ``live_file``: a descriptor of the live data.db
+        whose pages of this table are current and stay so (``_count_records``)."""
+        bk, cur = target.backup, target.current
+        if live_file is None or bk is None or cur is None:
+            return None
+        bk_sql, live_sql = self._table_sql("bk", bk["name"]), self._table_sql("main", cur["name"])
+        try:  # the same columns in the same order, with the same defaults
+            if bk_sql is None or live_sql is None or _rewrite_table(bk_sql, "x", "t") != _rewrite_table(live_sql, "x", "t"):
+                return None
+        except RestoreRefused:
+            return None
+        # The extracted file is this job's own: no other process has it open, so closing this
+        # descriptor takes no lock from anyone (unlike the live file's; see ``Database.open_file``).
+        fd = os.open(self.backup_db, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            formats = {sqlite_pages.header_info(os.pread(f, 100, 0)) for f in (fd, live_file)}
+            if len(formats) != 1 or None in formats:
+                return None
+            page_size, usable, _encoding = formats.pop()  # type: ignore[misc]
+            roots = [conn.execute(f"SELECT rootpage FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?",
+                                  (name,)).fetchone() for schema, name in (("bk", bk["name"]), ("main", cur["name"]))]
+            if any(root is None or not root[0] for root in roots):
+                return None
+            ranges = sqlite_pages.differing_ranges(lambda at, size: os.pread(fd, size, at), int(roots[0][0]),
+                                                   lambda at, size: os.pread(live_file, size, at),
+                                                   int(roots[1][0]), page_size)
+            # No record of the backup's table may spill into overflow pages (elsewhere in the file):
+            # the file has none at all (its b-trees' interior pages tell), or else the table's
+            # largest record says so (``dbstat``, which reads the whole table).
+            trees = [int(row[0]) for row in conn.execute("SELECT rootpage FROM bk.sqlite_master WHERE rootpage > 0")]
+            if not sqlite_pages.without_overflow(lambda at, size: os.pread(fd, size, at), page_size, [1, *trees]):
+                row = conn.execute("SELECT mx_payload FROM dbstat('bk', 1) WHERE name = ?", (bk["name"],)).fetchone()
+                if row is None or row[0] is None or int(row[0]) > sqlite_pages.max_local_payload(usable):
+                    return None
+            return ranges
+        except Exception:  # (a damaged backup, say: the walk of the records then tells, or fails with the reason)
+            return None
+        finally:
+            os.close(fd)
+
+    def _count_records(self, target: Target, conns: list[sqlite3.Connection], live_file: int | None = None) -> None:
         s = target.summary
         bk, cur = target.backup, target.current
         conn = conns[0]
@@ -613,8 +686,23 @@ class _Restorer:
         low, high = conn.execute(f"SELECT min(rowid), max(rowid) FROM {theirs}").fetchone()
         n_bk = paired = paired_same = 0
         if low is not None:
-            for row in _in_parallel(walk, _ranges(int(low), int(high), len(conns)), conns):
-                n_bk, paired, paired_same = n_bk + int(row[0]), paired + int(row[1]), paired_same + int(row[2])
+            # Leaves identical in both files settle their rows at once (``_differing_ranges``):
+            # only the other rowid ranges are walked, and the rows outside them count as paired
+            # and unchanged.
+            todo = self._differing_ranges(target, conn, live_file) if target.action == "replace" else None
+            if todo is None:
+                ranges = _ranges(int(low), int(high), len(conns))
+            else:
+                ranges = [(max(a, int(low)), min(b, int(high))) for a, b in todo if b >= low and a <= high]
+            if ranges:
+                for row in _walk_ranges(walk, ranges, conns):
+                    n_bk, paired, paired_same = n_bk + int(row[0]), paired + int(row[1]), paired_same + int(row[2])
+            if todo is not None:
+                settled = self._count(f"SELECT count(*) FROM {theirs}", conn) - n_bk
+                n_bk, paired, paired_same = n_bk + settled, paired + settled, paired_same + settled
+                self.notes.append(f"{bk['name']}: {settled} rows settled by their pages, {n_bk - settled} walked")
+            else:
+                self.notes.append(f"{bk['name']}: {n_bk} rows walked")
         target.backup_rows = n_bk
         by_id = (0, 0)
         if paired < n_bk:
@@ -625,6 +713,37 @@ class _Restorer:
         shared, same = paired + int(by_id[0]), paired_same + int(by_id[1])
         s.update(inserted=n_bk - shared, updated=shared - same, unchanged=same,
                  deleted=n_live - shared if target.action == "replace" else 0)
+
+    def hash_live_files(self) -> None:
+        """The SHA-256 of the current files the backup's may replace (``storage/<id>/`` of each
+        target once restored), so that ``plan_files`` can compare them with the manifest's instead
+        of reading both files. Done beside the count and the rest of the extraction, the restored
+        collections already refusing writes (their files do not change meanwhile)."""
+        for target in self.targets:
+            if target.backup is None or target.action not in ("replace", "create", "merge"):
+                continue
+            dest = target.backup if target.action in ("replace", "create") else target.current  # (as _plan_files)
+            if dest is None:
+                continue
+            for path in _files_under(self.storage / dest["id"]).values():
+                digest = hashlib.sha256()
+                try:
+                    with open(path, "rb") as handle:
+                        while chunk := handle.read(1 << 20):
+                            digest.update(chunk)
+                        size = os.fstat(handle.fileno()).st_size
+                except OSError:
+                    continue  # (compared byte for byte then)
+                self.live_hashes[str(path)] = (size, digest.hexdigest())
+
+    def _same_file(self, name: str, staged: Path, live: Path) -> bool:
+        """Whether the backup's file ``name`` (extracted to ``staged``: its bytes are the
+        manifest's) holds the same bytes as the current file ``live``."""
+        listed = (self.manifest_files or {}).get(name)
+        known = self.live_hashes.get(str(live))
+        if isinstance(listed, dict) and known is not None and isinstance(listed.get("sha256"), str):
+            return known == (listed.get("size"), listed["sha256"])
+        return _same_content(staged, live)
 
     def _plan_files(self, target: Target) -> None:
         files = target.summary["files"]
@@ -656,7 +775,7 @@ class _Restorer:
                 if rel not in ours:
                     files["added"] += 1
                     target.moves.append((str(path), str(final), "added"))
-                elif not filecmp.cmp(path, ours[rel], shallow=False):
+                elif not self._same_file(f"storage/{bk['id']}/{record}/{rel}", path, ours[rel]):
                     files["replaced"] += 1
                     target.moves.append((str(path), str(final), "replaced"))
             for rel, path in ours.items():
@@ -921,6 +1040,33 @@ def _ranges(low: int, high: int, parts: int) -> list[tuple[int, int]]:
     return [(start, min(high, start + step - 1)) for start in range(low, high + 1, step)]
 
 
+def _walk_ranges(sql: str, ranges: list[tuple[int, int]], conns: list[sqlite3.Connection]) -> list[tuple[Any, ...]]:
+    """``sql`` (one row, summed here column by column) over every range, the ranges shared out
+    between the connections (``_in_parallel``) by about equal spans of rowids."""
+    if len(ranges) <= len(conns):
+        return _in_parallel(sql, ranges, conns[:len(ranges)])
+    groups: list[list[tuple[int, int]]] = [[] for _ in conns]
+    spans = [0] * len(conns)
+    for bounds in sorted(ranges, key=lambda r: r[0] - r[1]):  # the widest first, to the least loaded
+        index = spans.index(min(spans))
+        groups[index].append(bounds)
+        spans[index] += bounds[1] - bounds[0] + 1
+    used = [(group, conn) for group, conn in zip(groups, conns) if group]
+
+    def walk_group(conn: sqlite3.Connection, group: list[tuple[int, int]]) -> tuple[Any, ...]:
+        rows = [tuple(conn.execute(sql, bounds).fetchone()) for bounds in group]
+        return tuple(sum(int(row[i] or 0) for row in rows) for i in range(len(rows[0])))
+
+    futures = [_COUNT_THREADS.submit(walk_group, conn, group) for group, conn in used[1:]]
+    try:
+        first = walk_group(used[0][1], used[0][0])
+    finally:
+        for future in futures:
+            with contextlib.suppress(BaseException):
+                future.result()
+    return [first, *(future.result() for future in futures)]
+
+
 def _in_parallel(sql: str, ranges: list[tuple[int, int]], conns: list[sqlite3.Connection]) -> list[tuple[Any, ...]]:
     """``sql`` (one row) for each range, the first on this thread, the others on ``_COUNT_THREADS``,
     each on its own connection; every one has ended when this returns (or raises)."""
@@ -1087,6 +1233,49 @@ async def _build(restorer: _Restorer, db: Database, job: Job) -> None:
             await _upsert_table(restorer, db, target, job)
 
 
+async def _count_records(restorer: _Restorer, db: Database, guarded: bool, checkpointed: Callable[[], None]) -> None:
+    """``restorer.count_records`` on its threads. When the restored collections refuse writes
+    (``guarded``: a real run) and the live WAL could be checkpointed completely since, the live
+    data.db file itself holds their tables' current pages, and keeps them (no write to those
+    tables commits any more, and without auto-vacuum no other write moves their pages), so the
+    count compares them with the backup's (``_Restorer._differing_ranges``), read through the
+    database's own descriptor (``Database.open_file``). No lock is taken: writers go on.
+    ``checkpointed`` is called once that is settled (the checkpoint's fsync is not to share the
+    disk with the extracted file's)."""
+    loop = asyncio.get_running_loop()
+    live_file: int | None = None
+    try:
+        if guarded and await loop.run_in_executor(_COUNT_THREADS, _checkpoint_fully, db.path):
+            live_file = db.open_file().fileno()
+    finally:
+        checkpointed()
+    await loop.run_in_executor(_COUNT_THREADS, restorer.count_records, live_file)
+
+
+def _checkpoint_fully(path: Path, attempts: int = 10) -> bool:
+    """Whether every frame of the WAL of ``path`` is now in the main file (a passive checkpoint,
+    which waits for no one, tried a few times as readers end), and it has no auto-vacuum."""
+    try:
+        conn = sqlite3.connect(path, timeout=0.05, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error:
+        return False
+    try:
+        if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 0:
+            return False
+        if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            return False
+        for attempt in range(attempts):
+            busy, log, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not busy and log == done:
+                return True
+            time.sleep(0.02)
+        return False
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+
+
 async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None:
     """The partial restore of ``job.key`` (or a dry run of it); ``job.summary`` gets the summary.
 
@@ -1112,7 +1301,7 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
     try:
         info = await storage.stat(job.key)
         job.bytes_total = info.size if info is not None else 0
-        from .manager import job_plain_copy  # (the manager imports this module)
+        from .manager import _in_background, job_plain_copy  # (the manager imports this module)
 
         async with job_plain_copy(manager, job) as zip_path:
             faults.point("partial-fetched")
@@ -1130,10 +1319,12 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
 
             # The records are counted from the moment data.db's bytes match the manifest, while
             # its database check and the files go on (without a manifest: once all is checked).
-            extracting = asyncio.ensure_future(asyncio.to_thread(
+            extracting = asyncio.ensure_future(_in_background(
                 archive.extract, zip_path, work / "db", job.advance, job.cancel, set_total, False,
                 lambda path: path == "data.db" or (bool(guessed) and path.startswith(guessed)), on_verified))
             counting: asyncio.Future[None] | None = None
+            syncing: asyncio.Future[None] | None = None
+            hashing: asyncio.Future[None] | None = None
             try:
                 await asyncio.wait([extracting, db_out], return_when=asyncio.FIRST_COMPLETED)
                 if not db_out.done():
@@ -1147,22 +1338,34 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                     async with manager.db.writes_paused():  # no write to them commits from now on
                         store.restoring |= names
                         held = names
-                counting = loop.run_in_executor(_COUNT_THREADS, restorer.count_records)
-                await extracting
+                # Beside the count and the rest of the extraction: the current files hashed, and (a
+                # replace, which may swap data.db for the extracted one) the extracted data.db
+                # written to disk.
+                sync = not request.dry_run and request.mode == "replace"
+
+                def start_sync() -> None:
+                    nonlocal syncing
+                    if sync and syncing is None:
+                        syncing = asyncio.ensure_future(asyncio.to_thread(fsync_path, work / "db" / "data.db"))
+
+                counting = asyncio.ensure_future(_count_records(restorer, manager.db, not request.dry_run, start_sync))
+                hashing = loop.run_in_executor(_FILE_THREADS, restorer.hash_live_files)
+                manifest = await extracting
+                restorer.manifest_files = (manifest or {}).get("files")
                 clock.lap("extracted")
                 missing = tuple(p for p in restorer.storage_prefixes() if p not in guessed)
                 if missing:
-                    await asyncio.to_thread(archive.extract, zip_path, work / "more", job.advance, job.cancel,
-                                            set_total, False, lambda path: path.startswith(missing))
+                    await _in_background(archive.extract, zip_path, work / "more", job.advance, job.cancel,
+                                         set_total, False, lambda path: path.startswith(missing))
                     await asyncio.to_thread(_merge_dirs, work / "more" / "storage", work / "db" / "storage")
-                # Beside the count: the files compared, and (a replace, which may swap data.db for
-                # the extracted one) the extracted data.db written to disk.
-                if not request.dry_run and request.mode == "replace":
-                    await asyncio.to_thread(fsync_path, work / "db" / "data.db")
-                await asyncio.to_thread(restorer.plan_files)
+                await hashing
+                await _in_background(restorer.plan_files)  # (beside the count, too)
                 await counting
+                start_sync()  # (if the count failed before its pin)
+                if syncing is not None:
+                    await syncing
             except BaseException:
-                await asyncio.wait([f for f in (extracting, counting) if f is not None])
+                await asyncio.wait([f for f in (extracting, counting, syncing, hashing) if f is not None])
                 if not extracting.cancelled() and extracting.exception() is not None:
                     raise extracting.exception() from None  # a damaged backup first, as it is the cause
                 raise
@@ -1194,7 +1397,8 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
                                                    and t.action != "keep"])
         await asyncio.to_thread(restorer.forget)
         clock.lap("old tables deleted")
-        logger.info("partial restore of %s (%s): %s", job.key, ", ".join(t.name for t in restorer.targets), clock)
+        logger.info("partial restore of %s (%s): %s; %s", job.key, ", ".join(t.name for t in restorer.targets), clock,
+                    "; ".join(restorer.notes))
     except BaseException:
         if restorer is not None and not restorer.committed:
             await _abort(restorer, manager.db)
@@ -1204,7 +1408,7 @@ async def run(manager: BackupManager, job: Job, request: RestoreRequest) -> None
         if restorer is not None:
             await asyncio.to_thread(restorer.close)
         if restorer is None or not restorer.committed or (work / "journal.json").exists() is False:
-            await asyncio.to_thread(shutil.rmtree, work, True)
+            await asyncio.to_thread(_discard, work, manager.datadir.temp, token)
 
 
 async def _swap_file(restorer: _Restorer, manager: BackupManager, job: Job, held: set[str], clock: _Clock) -> None:
@@ -1231,8 +1435,8 @@ async def _swap_file(restorer: _Restorer, manager: BackupManager, job: Job, held
     faults.point("partial-files-done")
     await asyncio.to_thread(restorer.forget)
     clock.lap("files")
-    logger.info("partial restore of %s (%s, data.db swapped): %s", job.key,
-                ", ".join(t.name for t in restorer.targets), clock)
+    logger.info("partial restore of %s (%s, data.db swapped): %s; %s", job.key,
+                ", ".join(t.name for t in restorer.targets), clock, "; ".join(restorer.notes))
 
 
 async def _abort(restorer: _Restorer, db: Database) -> None:
@@ -1270,6 +1474,25 @@ def _merge_dirs(source: Path, target: Path) -> None:
         for entry in os.listdir(source):
             if not (target / entry).exists():
                 os.rename(source / entry, target / entry)
+
+
+_DISCARD_THREADS = background_pool(1, "partial-discard")
+_FILE_THREADS = background_pool(1, "partial-files")
+
+
+def _discard(work: Path, temp: Path, token: str) -> None:
+    """Remove the work directory: at once from where the next job looks, then its content (the
+    extracted files, the replaced data.db) in the background, at low priority: the job is done
+    without waiting for the blocks to be freed. Whatever a crash leaves in ``temp`` goes at the
+    next start (``DataDir.prepare``)."""
+    trash = temp / f"partial_restore_{token}"
+    try:
+        temp.mkdir(exist_ok=True)
+        os.rename(work, trash)
+    except OSError:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    _DISCARD_THREADS.submit(shutil.rmtree, trash, True)
 
 
 def _fresh_dir(path: Path) -> None:
