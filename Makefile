@@ -59,11 +59,13 @@ run: install
 	$(PY) -m server serve --http $(HTTP) --dir $(DIR)
 
 # Two pytest workers (pytest-xdist): most of a test's time is a server process starting or waiting,
-# so the suite takes about half the time on 2 cores. TEST_WORKERS=0 runs it in one process.
+# so the suite takes about half the time on 2 cores. `--dist loadfile`: a module's tests stay
+# together on one worker, in order (several share one server, or a browser session, per module).
+# TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
 test: install-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The randomised crash tests (SIGKILL at random moments of backups and restores), hundreds of
 # rounds instead of the few `make test` runs, and hypothesis with many more examples.
