@@ -590,10 +590,12 @@ class Client:
         if last.get("key") != name or not last.get("ok"):
             raise BenchError(f"the backup failed: {last}")
 
-    def restore(self, name: str, gone: str, present: list[str]) -> dict[str, Any]:
-        """Restore ``name``; returns when the server answers with the restored data (``gone`` 404,
-        ``present`` 200), with the timeline of what the poller saw."""
-        Api._check(self.api.http.post(f"/api/backups/{name}/restore"), "start the restore", 204)
+    def restore(self, name: str, gone: str, present: list[str], body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Restore ``name`` (``body``: e.g. an encrypted backup's identity); returns when the server
+        answers with the restored data (``gone`` 404, ``present`` 200), with the timeline of what
+        the poller saw."""
+        Api._check(self.api.http.post(f"/api/backups/{name}/restore", **({"json": body} if body else {})),
+                   "start the restore", 204)
         started = time.perf_counter()
         deadline = started + self.timeout
         seen: dict[str, Any] = {"last_old_s": None, "first_failure_s": None, "failures": 0, "longest_request_s": 0.0}
