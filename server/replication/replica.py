@@ -1,0 +1,382 @@
+"""The replicator: ships both databases' LTX files to the replica (Litestream's ``replica.go``).
+
+One task per server. While replication is enabled it:
+- starts a lineage (a directory ``<lineage>/`` of the replica) with a snapshot of each database:
+  at each start of the server, and after each restore (full or partial), so that a lineage never
+  mixes the states of before and after a restore, and a restore to a moment only ever reads one;
+- every ``syncInterval`` ms in which something was written, reads the new WAL frames of each
+  database (``db.DBReplica.capture``), stages them as one level-0 LTX file and uploads the staged
+  files in order; no write, no request (idle costs nothing);
+- checkpoints a WAL once it has grown past ``db.CHECKPOINT_BYTES`` (TRUNCATE, right after reading
+  it, under the write lock);
+- takes a new snapshot every ``snapshotInterval`` hours, and deletes what is older than
+  ``retention`` hours (never the newest snapshot and what follows it);
+- when the replica cannot be reached, keeps the staged files (the lag grows, ``lastError`` says
+  why) and retries with a backoff; past ``MAX_STAGED_BYTES`` of staged files it drops them and
+  starts a new lineage once the replica answers again. Writes never fail, and the WAL stays
+  checkpointed meanwhile.
+- in sync mode (``syncInterval: 0``) a write's answer waits until the file that holds it is in
+  the replica (fsynced, or the S3 PUT answered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..tools.security import random_string
+from . import restore as replica_restore
+from .client import FileClient, ReplicaClient, S3Client
+from .db import CHECKPOINT_BYTES, DBReplica, Staged
+
+if TYPE_CHECKING:
+    from ..app import App
+
+logger = logging.getLogger("server.replication")
+S3_PREFIX = "replica/"
+MAX_STAGED_BYTES = 256 << 20
+RETENTION_CHECK_SECONDS = 3600.0
+SYNC_WAIT_SECONDS = 30.0  # sync mode: a write waits at most this long for the replica
+
+
+def settings_of(app: "App") -> dict[str, Any]:
+    return app.settings.data["backups"]["replication"]
+
+
+class _Hook:
+    """What a ``Database`` calls (``Database.replica``)."""
+
+    def __init__(self, replicator: "Replicator", replica: DBReplica) -> None:
+        self.replicator = replicator
+        self.replica = replica
+
+    def wrote(self) -> Any:
+        self.replica.note_write()
+        return self.replicator.wrote()
+
+    def before_checkpoint(self) -> bool:
+        return self.replica.before_checkpoint()
+
+    def close(self) -> None:
+        self.replica.close()
+
+    def replaced(self) -> None:
+        self.replicator.request_lineage("a restore replaced the database")
+
+
+class Replicator:
+    def __init__(self, app: "App") -> None:
+        self.app = app
+        self.staging = app.datadir.root / ".pb_replica"
+        self.replicas: list[DBReplica] = []
+        self.client: ReplicaClient | None = None
+        self.lineage = ""
+        self.last_error: str | None = None
+        self.bytes = 0
+        self.window_from: float | None = None
+        self.window_to: float | None = None
+        self._queue: list[Staged] = []
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._new_lineage: str | None = None
+        self._config: tuple[Any, ...] | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._write_seq = 0
+        self._captured_seq = 0
+        self._overflowed = False
+        self._last_snapshot = 0.0
+        self._last_retention = 0.0
+        self._backoff = 0.0
+        self._stopping: tuple[bool] | None = None
+
+    # --- configuration -----------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return bool(settings_of(self.app)["enabled"])
+
+    def _client_for(self) -> tuple[ReplicaClient, tuple[Any, ...]]:
+        conf = settings_of(self.app)
+        if conf.get("path"):
+            path = Path(conf["path"])
+            return FileClient(path), ("local", str(path))
+        s3 = self.app.settings.data["backups"]["s3"]
+        if s3["enabled"]:
+            storage = self.app.backups.storage()
+            return S3Client(storage, S3_PREFIX), ("s3", repr(storage.config))
+        path = self.app.datadir.backups / "replica"
+        return FileClient(path), ("local", str(path))
+
+    def client_now(self) -> ReplicaClient:
+        return self._client_for()[0]
+
+    async def apply_settings(self) -> None:
+        """Start, stop or restart after a settings change (or at the server's start)."""
+        if not self.enabled:
+            await self.stop()
+            return
+        client, key = self._client_for()
+        conf = settings_of(self.app)
+        config = key + (conf["syncInterval"], conf["snapshotInterval"], conf["retention"])
+        if self._task is not None and not self._task.done():
+            if config[:2] == (self._config or ())[:2]:
+                self._config = config  # the intervals are read at each round
+                self._wake.set()
+                return
+            await self.stop()
+        self._config = config
+        self.client = client
+        await self._start()
+
+    async def _start(self) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.staging, True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.replicas = [DBReplica("data.db", self.app.db, self.staging),
+                         DBReplica("auxiliary.db", self.app.aux_db, self.staging)]
+        for replica in self.replicas:
+            replica.db.replica = _Hook(self, replica)
+            await replica.db.set_autocheckpoint(False)
+        self._new_lineage = "the server started"
+        self._task = asyncio.create_task(self._run(), name="replication")
+
+    async def stop(self, final_sync: bool = False) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping = (final_sync and self.last_error is None, )
+            self._wake.set()
+            try:
+                await asyncio.wait_for(task, 15)
+            except (asyncio.CancelledError, asyncio.TimeoutError, Exception):
+                pass
+            self._stopping = None
+        for replica in self.replicas:
+            replica.db.replica = None
+            replica.close()
+            try:
+                await replica.db.set_autocheckpoint(True)
+            except Exception:
+                pass
+        self.replicas = []
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_result(None)
+        self._waiters.clear()
+
+    # --- the write path ----------------------------------------------------------------------
+
+    def wrote(self) -> Any:
+        self._write_seq += 1
+        self._wake.set()
+        if self._task is None or settings_of(self.app)["syncInterval"] != 0:
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._write_seq, future))
+        return self._durable(future)
+
+    async def _durable(self, future: "asyncio.Future[None]") -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(future), SYNC_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            logger.warning("replication: a write was answered before the replica held it (sync mode)")
+
+    def request_lineage(self, reason: str) -> None:
+        self._new_lineage = reason
+        self._wake.set()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self.client is not None
+        try:
+            await self._refresh_layout()
+        except Exception as exc:
+            self._fail(exc)
+        self._wake.set()
+        last_start = 0.0
+        while True:
+            if self._backoff == 0 and not self._wake.is_set():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._next_timer())
+                except asyncio.TimeoutError:
+                    pass
+            self._wake.clear()
+            if self._stopping is not None:
+                if self._stopping[0]:
+                    await self._round()  # the last writes, before the databases close
+                return
+            # Rounds start at most every syncInterval (start to start): a write waits at most
+            # that long, plus the round's own time, to be read.
+            interval = settings_of(self.app)["syncInterval"] / 1000
+            delay = max(self._backoff, last_start + interval - time.monotonic())
+            if delay > 0:
+                await asyncio.sleep(delay)
+            last_start = time.monotonic()
+            try:
+                await self._round()
+                self._backoff = 0.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._fail(exc)
+                self._backoff = min(30.0, max(1.0, self._backoff * 2))
+
+    def _next_timer(self) -> float:
+        conf = settings_of(self.app)
+        snapshot_due = self._last_snapshot + conf["snapshotInterval"] * 3600 - time.time()
+        retention_due = self._last_retention + RETENTION_CHECK_SECONDS - time.time()
+        return max(1.0, min(snapshot_due, retention_due))
+
+    def _fail(self, exc: BaseException) -> None:
+        from ..backups.manager import describe_error
+
+        message = describe_error(exc)
+        if message != self.last_error:
+            logger.warning("replication: %s", message)
+            self.app.logs.add(2, "Replication failed", {"error": message})  # WARN
+        self.last_error = message
+
+    async def _round(self) -> None:
+        assert self.client is not None
+        conf = settings_of(self.app)
+        if self._new_lineage is not None and (not self._overflowed or await self._reachable()):
+            reason, self._new_lineage = self._new_lineage, None
+            await self._begin_lineage(reason)
+        elif time.time() - self._last_snapshot > conf["snapshotInterval"] * 3600:
+            await self._snapshot()
+        seq = self._write_seq
+        for replica in self.replicas:
+            if replica.first_write is not None or replica.wal_size() > CHECKPOINT_BYTES:
+                async with replica.db.writes_paused():
+                    await asyncio.to_thread(replica.capture)
+                    if replica.wal_size() > CHECKPOINT_BYTES:
+                        await asyncio.to_thread(replica.checkpoint)
+                self._queue += await replica.encode_pending()
+        self._captured_seq = seq
+        await self._upload()
+        if time.time() - self._last_retention > RETENTION_CHECK_SECONDS:
+            await self._retention()
+
+    async def _reachable(self) -> bool:
+        assert self.client is not None
+        try:
+            await asyncio.to_thread(self.client.list, "none/")
+            return True
+        except Exception as exc:
+            self._fail(exc)
+            return False
+
+    async def _begin_lineage(self, reason: str) -> None:
+        self.lineage = replica_restore.new_lineage_name(random_string(6, "0123456789abcdef"))
+        self._drop_queue()
+        self._overflowed = False
+        for replica in self.replicas:
+            self._queue += await replica.snapshot(self.lineage, new=True)
+        self._last_snapshot = time.time()
+        logger.info("replication: lineage %s begun (%s)", self.lineage, reason)
+        self.app.logs.info("Replication lineage begun", lineage=self.lineage, reason=reason)
+
+    async def _snapshot(self) -> None:
+        for replica in self.replicas:
+            self._queue += await replica.snapshot(self.lineage, new=False)
+        self._last_snapshot = time.time()
+
+    def _drop_queue(self) -> None:
+        for staged in self._queue:
+            staged.path.unlink(missing_ok=True)
+        self._queue.clear()
+
+    async def _upload(self) -> None:
+        assert self.client is not None
+        while self._queue:
+            staged = self._queue[0]
+            try:
+                await asyncio.to_thread(self.client.put, staged.key, staged.path, staged.timestamp)
+            except Exception:
+                if sum(s.size for s in self._queue) > MAX_STAGED_BYTES:
+                    self._drop_queue()
+                    self._overflowed = True
+                    self.request_lineage("the replica was unreachable for too long")
+                    logger.error("replication: the replica stayed unreachable; a new snapshot will be "
+                                 "taken once it answers again")
+                raise
+            self._queue.pop(0)
+            staged.path.unlink(missing_ok=True)
+            self.bytes += staged.size
+            self.window_to = staged.timestamp / 1000
+            if self.window_from is None:
+                self.window_from = self.window_to
+            self.last_error = None
+        self._release_waiters(self._captured_seq)
+
+    def _release_waiters(self, seq: int) -> None:
+        keep = []
+        for wanted, future in self._waiters:
+            if wanted <= seq:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                keep.append((wanted, future))
+        self._waiters = keep
+
+    async def _refresh_layout(self) -> replica_restore.Layout:
+        assert self.client is not None
+        layout = replica_restore.Layout.of(await asyncio.to_thread(self.client.list))
+        self.bytes = layout.bytes
+        window = layout.window()
+        if window is not None:
+            self.window_from = window[0]
+        return layout
+
+    async def _retention(self) -> None:
+        """Delete what is older than ``retention`` hours: whole lineages that ended before, and in
+        the current one, snapshots (and the files they supersede) older than the newest snapshot
+        taken before that moment."""
+        assert self.client is not None
+        self._last_retention = time.time()
+        cutoff = time.time() - settings_of(self.app)["retention"] * 3600
+        layout = replica_restore.Layout.of(await asyncio.to_thread(self.client.list))
+        doomed: list[str] = []
+        for lineage in layout.lineages():
+            dbs = layout.entries[lineage]
+            newest = max(e.file.modified for es in dbs.values() for e in es)
+            if lineage != self.lineage and newest < cutoff:
+                doomed += [e.file.key for es in dbs.values() for e in es]
+                continue
+            for db in dbs:
+                old = [s for s in layout.snapshots(lineage, db) if s.file.modified < cutoff]
+                if len(old) < 1:
+                    continue
+                keep = old[-1]
+                doomed += [s.file.key for s in old[:-1]]
+                doomed += [e.file.key for e in layout.incrementals(lineage, db)
+                           if e.max_txid <= keep.max_txid and e.file.modified < cutoff]
+        if doomed:
+            await asyncio.to_thread(self.client.delete, doomed)
+        await self._refresh_layout()
+
+    # --- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        from ..tools.times import format_datetime
+        from datetime import datetime, timezone
+
+        def stamp(value: float | None) -> str | None:
+            return None if value is None else format_datetime(datetime.fromtimestamp(value, timezone.utc))
+
+        running = self._task is not None and not self._task.done()
+        oldest = [r.first_write for r in self.replicas if r.first_write is not None]
+        oldest += [s.first_write for s in self._queue if s.first_write is not None]
+        if self._queue and not oldest:
+            oldest = [self._queue[0].timestamp / 1000]
+        now = time.time()
+        lag = int((now - min(oldest)) * 1000) if oldest else 0
+        to = self.window_to
+        if running and not oldest and self.window_to is not None:
+            to = now  # nothing written since the last sync: this moment is in the replica
+        return {"enabled": self.enabled and running, "lagMs": lag if running else 0,
+                "window": {"from": stamp(self.window_from), "to": stamp(to)},
+                "bytes": self.bytes, "lastError": self.last_error, "lineage": self.lineage or None}

@@ -1,0 +1,250 @@
+"""Rebuilding a database from the replica as it was at a moment (ours, and Litestream's layout).
+
+The plan, per database, within one lineage (a restore never mixes lineages): the newest snapshot
+(level 9) taken at or before ``at``, then the level-0 files that follow it TXID by TXID while their
+timestamp is at or before ``at``. Each file's checksum is checked as it is read; each file must
+start from the database checksum the previous one ended on; the rebuilt file's own checksum must be
+the last file's post-apply checksum; then ``PRAGMA quick_check``. Any failure raises
+``ReplicaRestoreError`` and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import ltx
+from .client import RemoteFile, ReplicaClient
+
+DATABASES = ("data.db", "auxiliary.db")
+LINEAGE_RE = re.compile(r"^(\d{8}T\d{9}Z)-[0-9a-f]{6}$")
+SLACK = 120.0  # seconds a listing's time may trail an LTX timestamp (S3: the upload's time)
+
+
+class ReplicaRestoreError(Exception):
+    """Why the replica cannot give that moment (safe to show)."""
+
+
+def lineage_time(lineage: str) -> datetime | None:
+    match = LINEAGE_RE.match(lineage)
+    if match is None:
+        return None
+    return datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
+
+
+def new_lineage_name(random_hex: str) -> str:
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-{random_hex}"
+
+
+@dataclass
+class Entry:
+    lineage: str
+    db: str
+    level: int
+    min_txid: int
+    max_txid: int
+    file: RemoteFile
+
+
+@dataclass
+class Layout:
+    """What a listing of the replica holds, by lineage and database."""
+
+    entries: dict[str, dict[str, list[Entry]]] = field(default_factory=dict)
+    bytes: int = 0
+
+    @classmethod
+    def of(cls, files: list[RemoteFile]) -> "Layout":
+        layout = cls()
+        for f in files:
+            parts = f.key.split("/")
+            if len(parts) != 5 or parts[2] != "ltx" or lineage_time(parts[0]) is None or parts[1] not in DATABASES:
+                continue
+            span = ltx.parse_filename(parts[4])
+            if span is None or not parts[3].isdigit():
+                continue
+            layout.bytes += f.size
+            layout.entries.setdefault(parts[0], {}).setdefault(parts[1], []).append(
+                Entry(parts[0], parts[1], int(parts[3]), span[0], span[1], f))
+        return layout
+
+    def lineages(self) -> list[str]:
+        return sorted(self.entries)
+
+    def snapshots(self, lineage: str, db: str) -> list[Entry]:
+        found = [e for e in self.entries.get(lineage, {}).get(db, []) if e.level == 9]
+        return sorted(found, key=lambda e: (e.max_txid, e.file.modified))
+
+    def incrementals(self, lineage: str, db: str) -> list[Entry]:
+        return sorted((e for e in self.entries.get(lineage, {}).get(db, []) if e.level == 0),
+                      key=lambda e: e.min_txid)
+
+    def first_time(self, lineage: str) -> float | None:
+        snaps = self.snapshots(lineage, "data.db")
+        return min(e.file.modified for e in snaps) if snaps else None
+
+    def window(self) -> tuple[float, float] | None:
+        """(earliest, latest) listing time of what can be restored."""
+        starts = [t for t in (self.first_time(x) for x in self.lineages()) if t is not None]
+        if not starts:
+            return None
+        last = max(e.file.modified for dbs in self.entries.values() for es in dbs.values() for e in es)
+        return min(starts), last
+
+    def choose_lineage(self, at: float | None) -> str:
+        candidates = [x for x in self.lineages() if self.first_time(x) is not None]
+        if not candidates:
+            raise ReplicaRestoreError("the replica holds no snapshot")
+        if at is None:
+            return candidates[-1]
+        # The newest lineage begun by then (a later one started from a restore or a restart).
+        started = [x for x in candidates if (self.first_time(x) or 0) <= at + SLACK and _started_by(self, x, at)]
+        if not started:
+            raise ReplicaRestoreError("the replica holds nothing that old (before its window)")
+        return started[-1]
+
+
+def _started_by(layout: Layout, lineage: str, at: float) -> bool:
+    snaps = layout.snapshots(lineage, "data.db")
+    return any(e.file.modified <= at + SLACK for e in snaps)
+
+
+def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at: float | None,
+               target: Path, work: Path) -> dict[str, int]:
+    """The database ``db`` of ``lineage`` at ``at`` (seconds; None: the latest) into ``target``.
+    Returns {"txid", "timestamp", "files"}."""
+    at_ms = None if at is None else int(at * 1000)
+    snapshots = layout.snapshots(lineage, db)
+    chosen = None
+    header_cache: dict[str, ltx.Header] = {}
+    for snap in reversed(snapshots):
+        if at is not None and snap.file.modified > at + SLACK:
+            continue
+        header = _header(client, snap, work, header_cache)
+        if at_ms is None or header.timestamp <= at_ms:
+            chosen = snap
+            break
+    if chosen is None:
+        raise ReplicaRestoreError(f"no snapshot of {db} at or before that moment")
+    partial = target.with_name(target.name + ".partial")
+    applied = 0
+    try:
+        with open(partial, "wb+") as out:
+            checksum, page_size, last_ts = _apply(client, chosen, out, None, work)
+            txid = chosen.max_txid
+            applied = 1
+            for entry in layout.incrementals(lineage, db):
+                if entry.min_txid <= txid:
+                    continue
+                if entry.min_txid != txid + 1:
+                    break  # a gap: the state before it is the latest consistent one
+                if at is not None and entry.file.modified > at + SLACK:
+                    break
+                header = _header(client, entry, work, header_cache)
+                if at_ms is not None and header.timestamp > at_ms:
+                    break
+                if header.pre_apply != checksum:
+                    raise ReplicaRestoreError(f"{db}: the replica's files do not follow each other (TXID {entry.min_txid})")
+                checksum, page_size, last_ts = _apply(client, entry, out, page_size, work)
+                txid = entry.max_txid
+                applied += 1
+            out.flush()
+            os.fsync(out.fileno())
+            out.seek(0)
+            if database_checksum(out, page_size) != checksum:
+                raise ReplicaRestoreError(f"{db}: the rebuilt database does not match the replica's checksum")
+        _quick_check(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+        for suffix in ("-wal", "-shm"):
+            Path(str(partial) + suffix).unlink(missing_ok=True)
+    return {"txid": txid, "timestamp": last_ts, "files": applied}
+
+
+def _header(client: ReplicaClient, entry: Entry, work: Path, cache: dict[str, ltx.Header]) -> ltx.Header:
+    if entry.file.key not in cache:
+        local = _local(client, entry, work)
+        with open(local, "rb") as handle:
+            cache[entry.file.key] = ltx.Header.unpack(handle.read(ltx.HEADER_SIZE))
+    return cache[entry.file.key]
+
+
+def _local(client: ReplicaClient, entry: Entry, work: Path) -> Path:
+    path = work / entry.file.key.replace("/", "_")
+    if not path.exists():
+        part = path.with_name(path.name + ".part")
+        client.fetch(entry.file.key, part)
+        os.replace(part, path)
+    return path
+
+
+def _apply(client: ReplicaClient, entry: Entry, out, page_size: int | None, work: Path) -> tuple[int, int, int]:
+    local = _local(client, entry, work)
+    try:
+        with open(local, "rb") as handle:
+            for item in ltx.decode(handle):
+                if isinstance(item, ltx.Decoded):
+                    header = item.header
+                    if page_size is not None and header.page_size != page_size:
+                        raise ReplicaRestoreError("the page size changed within a lineage")
+                    out.truncate(header.commit * header.page_size)
+                    return header.post_apply, header.page_size, header.timestamp
+                pgno, data = item
+                out.seek((pgno - 1) * len(data))
+                out.write(data)
+    except ltx.LTXError as exc:
+        raise ReplicaRestoreError(f"{entry.db}: a replica file is damaged ({exc})") from None
+    finally:
+        local.unlink(missing_ok=True)
+    raise ReplicaRestoreError("truncated LTX file")
+
+
+def database_checksum(handle, page_size: int) -> int:
+    rolling = 0
+    lock = ltx.lock_pgno(page_size)
+    pgno = 0
+    while True:
+        data = handle.read(page_size)
+        if not data:
+            break
+        pgno += 1
+        if pgno == lock:
+            continue
+        if len(data) != page_size:
+            raise ReplicaRestoreError("the rebuilt database has a partial page")
+        rolling ^= ltx.page_checksum(pgno, data) & ltx.LOW
+    return ltx.FLAG | rolling
+
+
+def _quick_check(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        result = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise ReplicaRestoreError(f"the rebuilt database is not valid: {exc}") from None
+    finally:
+        conn.close()
+    if result != "ok":
+        raise ReplicaRestoreError(f"the rebuilt database failed its check: {result}")
+
+
+def restore_all(client: ReplicaClient, at: float | None, target_dir: Path, work: Path,
+                lineage: str | None = None) -> dict[str, object]:
+    """``data.db`` and ``auxiliary.db`` at ``at`` into ``target_dir`` (which must exist)."""
+    layout = Layout.of(client.list())
+    chosen = lineage or layout.choose_lineage(at)
+    out: dict[str, object] = {"lineage": chosen}
+    work.mkdir(parents=True, exist_ok=True)
+    for db in DATABASES:
+        if not layout.snapshots(chosen, db):
+            continue
+        out[db] = restore_db(client, layout, chosen, db, at, target_dir / db, work)
+    if "data.db" not in out:
+        raise ReplicaRestoreError("the replica holds no data.db")
+    return out
