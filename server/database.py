@@ -191,6 +191,12 @@ class Database:
             await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @asynccontextmanager
+    async def write_locked(self) -> AsyncIterator[None]:
+        """The write lock, for the replicator's reads of the WAL (no write is reported)."""
+        async with self._write_lock:
+            yield
+
+    @asynccontextmanager
     async def writes_paused(self) -> AsyncIterator[None]:
         """This process's writers wait while the context lasts (another connection writes a short
         batch meanwhile: a partial restore). Fair: writers queued before go first."""

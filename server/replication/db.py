@@ -104,6 +104,7 @@ class DBReplica:
         """Read what was committed to the WAL since the last read (blocking; under the write lock)."""
         if not self.ready:
             return
+        first_write, self.first_write = self.first_write, None
         fd = self.db.wal_fd()
         if fd is None:
             return
@@ -115,7 +116,6 @@ class DBReplica:
         if salts != self._salts:
             self._salts, self._offset = salts, wal.WAL_HEADER_SIZE  # a new WAL: everything before was read
         end = os.fstat(fd).st_size
-        first_write, self.first_write = self.first_write, None
         while self._offset < end:
             raw = os.pread(fd, min(end - self._offset, MAX_READ), self._offset)
             batch, stop = wal.parse(raw, self._offset, page_size, salts)
@@ -203,7 +203,7 @@ class DBReplica:
                                        check_same_thread=False)
         try:
             for attempt in range(200):
-                async with self.db.writes_paused():
+                async with self.db.write_locked():
                     if not new:
                         await asyncio.to_thread(self.capture)
                     pinned = await asyncio.to_thread(self._pin, conn)

@@ -250,7 +250,7 @@ class Replicator:
         seq = self._write_seq
         for replica in self.replicas:
             if replica.first_write is not None or replica.wal_size() > CHECKPOINT_BYTES:
-                async with replica.db.writes_paused():
+                async with replica.db.write_locked():
                     await asyncio.to_thread(replica.capture)
                     if replica.wal_size() > CHECKPOINT_BYTES:
                         await asyncio.to_thread(replica.checkpoint)
@@ -374,9 +374,11 @@ class Replicator:
             oldest = [self._queue[0].timestamp / 1000]
         now = time.time()
         lag = int((now - min(oldest)) * 1000) if oldest else 0
-        to = self.window_to
-        if running and not oldest and self.window_to is not None:
-            to = now  # nothing written since the last sync: this moment is in the replica
+        # Every moment before the oldest write not yet in the replica can be restored; with none
+        # pending, this very moment can.
+        to = None
+        if running and self.window_to is not None:
+            to = min(oldest) if oldest else now
         return {"enabled": self.enabled and running, "lagMs": lag if running else 0,
                 "window": {"from": stamp(self.window_from), "to": stamp(to)},
                 "bytes": self.bytes, "lastError": self.last_error, "lineage": self.lineage or None}

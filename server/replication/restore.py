@@ -96,22 +96,17 @@ class Layout:
         last = max(e.file.modified for dbs in self.entries.values() for es in dbs.values() for e in es)
         return min(starts), last
 
-    def choose_lineage(self, at: float | None) -> str:
-        candidates = [x for x in self.lineages() if self.first_time(x) is not None]
-        if not candidates:
+    def candidates(self, at: float | None) -> list[str]:
+        """The lineages that may hold the moment ``at``, the best first: the newest begun by then
+        (a later one began with a restore or a restart, after that moment), then older ones."""
+        found = [x for x in self.lineages() if self.snapshots(x, "data.db")]
+        if not found:
             raise ReplicaRestoreError("the replica holds no snapshot")
-        if at is None:
-            return candidates[-1]
-        # The newest lineage begun by then (a later one started from a restore or a restart).
-        started = [x for x in candidates if (self.first_time(x) or 0) <= at + SLACK and _started_by(self, x, at)]
-        if not started:
-            raise ReplicaRestoreError("the replica holds nothing that old (before its window)")
-        return started[-1]
-
-
-def _started_by(layout: Layout, lineage: str, at: float) -> bool:
-    snaps = layout.snapshots(lineage, "data.db")
-    return any(e.file.modified <= at + SLACK for e in snaps)
+        if at is not None:
+            found = [x for x in found if (lineage_time(x) or datetime.max.replace(tzinfo=timezone.utc)).timestamp() <= at]
+            if not found:
+                raise ReplicaRestoreError("the replica holds nothing that old (before its window)")
+        return found[::-1]
 
 
 def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at: float | None,
@@ -238,13 +233,51 @@ def restore_all(client: ReplicaClient, at: float | None, target_dir: Path, work:
                 lineage: str | None = None) -> dict[str, object]:
     """``data.db`` and ``auxiliary.db`` at ``at`` into ``target_dir`` (which must exist)."""
     layout = Layout.of(client.list())
-    chosen = lineage or layout.choose_lineage(at)
-    out: dict[str, object] = {"lineage": chosen}
     work.mkdir(parents=True, exist_ok=True)
-    for db in DATABASES:
-        if not layout.snapshots(chosen, db):
-            continue
-        out[db] = restore_db(client, layout, chosen, db, at, target_dir / db, work)
-    if "data.db" not in out:
-        raise ReplicaRestoreError("the replica holds no data.db")
-    return out
+    problem: ReplicaRestoreError | None = None
+    for chosen in [lineage] if lineage else layout.candidates(at):
+        out: dict[str, object] = {"lineage": chosen}
+        try:
+            out["data.db"] = restore_db(client, layout, chosen, "data.db", at, target_dir / "data.db", work)
+        except ReplicaRestoreError as exc:
+            problem = problem or exc
+            if lineage or "no snapshot" not in str(exc):
+                raise
+            continue  # that lineage's first snapshot came just after the moment: the one before
+        if layout.snapshots(chosen, "auxiliary.db"):
+            try:
+                out["auxiliary.db"] = restore_db(client, layout, chosen, "auxiliary.db", at,
+                                                 target_dir / "auxiliary.db", work)
+            except ReplicaRestoreError as exc:
+                if "no snapshot" not in str(exc):
+                    raise
+        return out
+    raise problem or ReplicaRestoreError("the replica holds no data.db")
+
+
+def backup_zip(client: ReplicaClient, at: float | None, root: Path, work: Path,
+               progress=lambda n: None, cancel=None) -> tuple[Path, dict[str, object]]:
+    """The databases at ``at`` from the replica, with the record files of ``root`` as they are now
+    (the replica holds no files), as a backup zip with our manifest in ``work``: what a restore of
+    a backup (full, partial or a dry run) takes."""
+    from ..backups import archive
+
+    dbs = work / "dbs"
+    dbs.mkdir(parents=True, exist_ok=True)
+    info = restore_all(client, at, dbs, work / "fetch")
+    target = work / "replica.zip"
+    with open(target, "wb") as out:
+        zipper = archive.ArchiveWriter(out, progress, cancel)
+        try:
+            for name in DATABASES:
+                if (dbs / name).exists():
+                    zipper.add(archive.Source(name, dbs / name))
+            for source in archive.collect_files(root):
+                zipper.add(source, True)
+            zipper.finish({"createdBy": {"kind": "replica"}, "replica": {"lineage": info["lineage"]}})
+        except BaseException:
+            zipper.close()
+            raise
+    for name in DATABASES:
+        (dbs / name).unlink(missing_ok=True)
+    return target, info
