@@ -233,7 +233,10 @@ def test_sigkill_then_a_new_machine(env: Any) -> None:
         fresh.stop()
 
 
-def test_s3_replica(tmp_path: Path, s3_server: S3Server) -> None:
+def test_s3_replica_outage_and_sync_mode(tmp_path: Path, s3_server: S3Server) -> None:
+    """Replication to S3 (rclone) under replica/: an outage makes the lag grow and shows in the
+    status, writes go on, and it heals by itself; then in sync mode (syncInterval 0) every
+    acknowledged write survives a SIGKILL."""
     server = start_server(tmp_path)
     api = Api(server)
     try:
@@ -245,10 +248,26 @@ def test_s3_replica(tmp_path: Path, s3_server: S3Server) -> None:
         assert api.http.post("/api/collections", headers=su, json={
             "name": "nums", "type": "base", "fields": [{"name": "n", "type": "number"}]}).status_code == 200
         write(api, su, range(1, 41))
+        wait_synced(api, su)
+        assert api.http.get("/api/backups", headers=su).json() == []  # under replica/, not a backup
+        assert s3_server.objects(bucket) and all(key.startswith("replica/") for key in s3_server.objects(bucket))
+        s3_server.stop()
+        try:
+            write(api, su, range(41, 61))  # writes never wait for, nor fail with, the replica
+            status = wait_for(lambda: (lambda st: st if st["lastError"] and st["lagMs"] > 500 else None)(
+                replication(api, su)), "the outage to show", timeout=30)
+            assert "S3" in status["lastError"] or "reach" in status["lastError"], status
+        finally:
+            s3_server.start()
         status = wait_synced(api, su)
         assert status["lastError"] is None
-        assert api.http.get("/api/backups", headers=su).json() == []  # under replica/, not a backup
-        assert all(key.startswith("replica/") for key in s3_server.objects(bucket))
+        response = api.http.patch("/api/settings", headers=su, json={"backups": {"replication": {"syncInterval": 0}}})
+        assert response.status_code == 200, response.text
+        write(api, su, range(61, 81))
+        assert server.process is not None
+        server.process.send_signal(signal.SIGKILL)  # at once: no time for a sync after the last answer
+        server.process.wait()
+        server.process = None
         target = tmp_path / "from_s3"
         env = {"AWS_ACCESS_KEY_ID": s3_server.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": s3_server.SECRET}
         result = subprocess.run(
@@ -257,7 +276,7 @@ def test_s3_replica(tmp_path: Path, s3_server: S3Server) -> None:
             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
             env={**os.environ, **env})
         assert result.returncode == 0, result.stderr
-        assert rows_of(target / "data.db") == list(range(1, 41))
+        assert rows_of(target / "data.db") == list(range(1, 81))
     finally:
         api.close()
         server.stop()

@@ -38,6 +38,10 @@ class ReplicaClient:
     def delete(self, keys: list[str]) -> None:
         raise NotImplementedError
 
+    def probe(self) -> None:
+        """Raise if the replica cannot be written now."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         return self.kind
 
@@ -111,6 +115,12 @@ class FileClient(ReplicaClient):
                     break
                 directory = directory.parent
 
+    def probe(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / ".probe.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+
     def describe(self) -> str:
         return f"local directory {self.root.name or self.root}"
 
@@ -160,6 +170,9 @@ class S3Client(ReplicaClient):
             batch = keys[start:start + 1000]
             self._call("delete_objects", Delete={"Objects": [{"Key": self.prefix + _safe(k)} for k in batch],
                                                  "Quiet": True})
+
+    def probe(self) -> None:
+        self._call("list_objects_v2", Prefix=self.prefix, MaxKeys=1)
 
     def describe(self) -> str:
         return f"S3 bucket {self.storage.config.bucket}/{self.prefix}"

@@ -65,6 +65,7 @@ class _Hook:
         self.replica.close()
 
     def replaced(self) -> None:
+        self.replica.ready = False  # nothing of the new file goes into the old lineage
         self.replicator.request_lineage("a restore replaced the database")
 
 
@@ -92,6 +93,7 @@ class Replicator:
         self._last_retention = 0.0
         self._backoff = 0.0
         self._stopping: tuple[bool] | None = None
+        self._stop = asyncio.Event()
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -148,11 +150,13 @@ class Replicator:
         if task is not None:
             self._stopping = (final_sync and self.last_error is None, )
             self._wake.set()
+            self._stop.set()
             try:
                 await asyncio.wait_for(task, 15)
             except (asyncio.CancelledError, asyncio.TimeoutError, Exception):
                 pass
             self._stopping = None
+            self._stop.clear()
         for replica in self.replicas:
             replica.db.replica = None
             replica.close()
@@ -213,7 +217,13 @@ class Replicator:
             interval = settings_of(self.app)["syncInterval"] / 1000
             delay = max(self._backoff, last_start + interval - time.monotonic())
             if delay > 0:
-                await asyncio.sleep(delay)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+            if self._stopping is not None and not self._wake.is_set():
+                self._wake.set()
+                continue
             last_start = time.monotonic()
             try:
                 await self._round()
@@ -254,7 +264,12 @@ class Replicator:
                     await asyncio.to_thread(replica.capture)
                     if replica.wal_size() > CHECKPOINT_BYTES:
                         await asyncio.to_thread(replica.checkpoint)
-                self._queue += await replica.encode_pending()
+                staged = await replica.encode_pending()
+                if self._overflowed:  # read (the WAL stays bounded) and dropped: a new lineage follows
+                    for item in staged:
+                        item.path.unlink(missing_ok=True)
+                    continue
+                self._queue += staged
         self._captured_seq = seq
         await self._upload()
         if time.time() - self._last_retention > RETENTION_CHECK_SECONDS:
@@ -263,7 +278,7 @@ class Replicator:
     async def _reachable(self) -> bool:
         assert self.client is not None
         try:
-            await asyncio.to_thread(self.client.list, "none/")
+            await asyncio.to_thread(self.client.probe)
             return True
         except Exception as exc:
             self._fail(exc)
@@ -381,4 +396,5 @@ class Replicator:
             to = min(oldest) if oldest else now
         return {"enabled": self.enabled and running, "lagMs": lag if running else 0,
                 "window": {"from": stamp(self.window_from), "to": stamp(to)},
-                "bytes": self.bytes, "lastError": self.last_error, "lineage": self.lineage or None}
+                "bytes": self.bytes, "lastError": self.last_error, "lineage": self.lineage or None,
+                "requests": self.client.requests if self.client is not None else 0}
