@@ -121,8 +121,8 @@ class Settings:
         candidate = copy.deepcopy(self.data)
         _merge(candidate, patch, DEFAULTS)
         errors = validate(candidate)
-        path = candidate["backups"]["replication"].get("path") if isinstance(candidate["backups"].get("replication"), dict) else None
-        if not errors and path and self.data_root is not None:
+        path = None if errors else candidate["backups"]["replication"]["path"]
+        if path and self.data_root is not None:
             from pathlib import Path
 
             resolved = Path(path).resolve()
