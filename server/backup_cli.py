@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 from datetime import datetime, timezone
 import time
@@ -422,6 +423,8 @@ def _add_replica_parser(actions: Any) -> None:
     rebuild.add_argument("--secret", default=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
                          help="(default $AWS_SECRET_ACCESS_KEY; prefer the environment to a flag)")
     rebuild.add_argument("--force-path-style", action="store_true", help="path-style S3 addressing (MinIO, rclone)")
+    rebuild.add_argument("--identity-file", metavar="KEY.txt",
+                         help="the age identity of an encrypted replica (backups.encryption); '-': stdin")
     rebuild.add_argument("--json", action="store_true", help="print what was restored as JSON")
 
 
@@ -459,18 +462,23 @@ def replica_restore(args: argparse.Namespace) -> int:
                 print(f"Error: no replica directory at {args.source}", file=sys.stderr)
                 return 1
             client = FileClient(source)
+        identities = None
+        if args.identity_file:
+            text = sys.stdin.read() if args.identity_file == "-" else Path(args.identity_file).read_text()
+            identities = crypto.parse_identities(text)
         target.mkdir(parents=True, exist_ok=True)
-        info = replica.restore_all(client, at, target, work / "fetch", args.lineage)
+        info = replica.restore_all(client, at, target, work / "fetch", args.lineage, identities)
         (target / "storage").mkdir(exist_ok=True)
-    except replica.ReplicaRestoreError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        print(f"Error: {describe_error(exc)}", file=sys.stderr)
+    except BaseException as exc:
+        shutil.rmtree(target, ignore_errors=True)  # nothing half-made is left behind
+        if isinstance(exc, (replica.ReplicaRestoreError, crypto.IdentityError)):
+            print(f"Error: {exc}", file=sys.stderr)
+        elif isinstance(exc, Exception):
+            print(f"Error: {describe_error(exc)}", file=sys.stderr)
+        else:
+            raise
         return 1
     finally:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(info))

@@ -234,16 +234,22 @@ def test_sigkill_then_a_new_machine(env: Any) -> None:
 
 
 def test_s3_replica_outage_and_sync_mode(tmp_path: Path, s3_server: S3Server) -> None:
-    """Replication to S3 (rclone) under replica/: an outage makes the lag grow and shows in the
-    status, writes go on, and it heals by itself; then in sync mode (syncInterval 0) every
-    acknowledged write survives a SIGKILL."""
+    """Replication to S3 (rclone) under replica/, age-encrypted (backups.encryption): an outage
+    makes the lag grow and shows in the status, writes go on, and it heals by itself; then in
+    sync mode (syncInterval 0) every acknowledged write survives a SIGKILL."""
+    import pyrage
+
+    identity = pyrage.x25519.Identity.generate()
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(str(identity) + "\n")
     server = start_server(tmp_path)
     api = Api(server)
     try:
         su = auth(api.superuser_token())
         bucket = s3_server.bucket()
         response = api.http.patch("/api/settings", headers=su, json={"backups": {
-            "s3": s3_server.settings(bucket), "replication": {"enabled": True, "syncInterval": SYNC_MS}}})
+            "s3": s3_server.settings(bucket), "replication": {"enabled": True, "syncInterval": SYNC_MS},
+            "encryption": {"recipients": [str(identity.to_public())]}}})
         assert response.status_code == 200, response.text
         assert api.http.post("/api/collections", headers=su, json={
             "name": "nums", "type": "base", "fields": [{"name": "n", "type": "number"}]}).status_code == 200
@@ -268,13 +274,21 @@ def test_s3_replica_outage_and_sync_mode(tmp_path: Path, s3_server: S3Server) ->
         server.process.send_signal(signal.SIGKILL)  # at once: no time for a sync after the last answer
         server.process.wait()
         server.process = None
+        sample = next(p for p in (s3_server.root / bucket).rglob("*.ltx"))
+        assert sample.read_bytes().startswith(b"age-encryption.org/v1")
         target = tmp_path / "from_s3"
         env = {"AWS_ACCESS_KEY_ID": s3_server.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": s3_server.SECRET}
-        result = subprocess.run(
-            [os.sys.executable, "-m", "server", "backup", "replica", "restore", "--from", f"s3://{bucket}/replica",
-             "--endpoint", s3_server.url, "--region", "us-east-1", "--force-path-style", "--dir", str(target)],
-            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
-            env={**os.environ, **env})
+
+        def cli(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [os.sys.executable, "-m", "server", "backup", "replica", "restore", "--from", f"s3://{bucket}/replica",
+                 "--endpoint", s3_server.url, "--region", "us-east-1", "--force-path-style", "--dir", str(target),
+                 *extra], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
+                env={**os.environ, **env})
+
+        refused = cli()
+        assert refused.returncode == 1 and "identity is required" in refused.stderr and not target.exists()
+        result = cli("--identity-file", str(key_file))
         assert result.returncode == 0, result.stderr
         assert rows_of(target / "data.db") == list(range(1, 81))
     finally:

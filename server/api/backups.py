@@ -198,6 +198,6 @@ async def replication_restore(request: Request) -> Response:
         raise ValidationError({"at": field_error("validation_invalid_datetime",
                                                  "Must be a datetime (YYYY-MM-DD HH:MM:SS.mmmZ or ISO 8601).")})
     rest = {k: v for k, v in body.items() if k != "at"}
-    restore, _identities = parse_restore_body(rest)
-    await get_app(request).backups.start_replica_restore(at, restore)
+    restore, identities = parse_restore_body(rest)
+    await get_app(request).backups.start_replica_restore(at, restore, identities)
     return no_content()

@@ -654,7 +654,8 @@ class BackupManager:
         else:
             self._spawn(job, self._restore_dry(job))
 
-    async def start_replica_restore(self, at: datetime | None, request: partial.RestoreRequest | None = None) -> None:
+    async def start_replica_restore(self, at: datetime | None, request: partial.RestoreRequest | None = None,
+                                    identities: crypto.Identities | None = None) -> None:
         """A restore of the moment ``at`` (None: the latest) from the replica (issue 16), as a
         backup's: the databases of that moment are rebuilt and verified (``replication.restore``)
         into a backup-like zip with the record files as they are now, which then goes the way of a
@@ -668,6 +669,7 @@ class BackupManager:
         key = "replica@" + (format_datetime(at) if at is not None else "latest")
         job = self._acquire("restore", key)
         job.request = request
+        job.identities = identities or None
         self._spawn(job, self._replica_restore(job, at, request))
 
     async def _replica_restore(self, job: Job, at: datetime | None, request: partial.RestoreRequest | None) -> bool:
@@ -679,7 +681,8 @@ class BackupManager:
             try:
                 job.local_zip, _info = await _in_background(
                     replica_restore.backup_zip, client, at.timestamp() if at is not None else None, self.datadir.root,
-                    work, job.advance, job.cancel)
+                    work, job.advance, job.cancel, job.identities)
+                job.identities = None  # the zip of the moment is plain
             except replica_restore.ReplicaRestoreError as exc:
                 raise BadRequest(f"The replica cannot restore that moment: {exc}.") from None
             if request is None:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..backups import crypto
 from ..tools.security import random_string
 from . import restore as replica_restore
 from .client import FileClient, ReplicaClient, S3Client
@@ -308,8 +309,17 @@ class Replicator:
         assert self.client is not None
         while self._queue:
             staged = self._queue[0]
+            recipients = crypto.recipients_of(self.app.settings.data)
             try:
-                await asyncio.to_thread(self.client.put, staged.key, staged.path, staged.timestamp)
+                if recipients:  # backups.encryption: the replica's files are age files too
+                    sealed = staged.path.with_name(staged.path.name + ".age")
+                    await asyncio.to_thread(_seal, staged.path, sealed, recipients)
+                    try:
+                        await asyncio.to_thread(self.client.put, staged.key, sealed, staged.timestamp)
+                    finally:
+                        sealed.unlink(missing_ok=True)
+                else:
+                    await asyncio.to_thread(self.client.put, staged.key, staged.path, staged.timestamp)
             except Exception:
                 if sum(s.size for s in self._queue) > MAX_STAGED_BYTES:
                     self._drop_queue()
@@ -398,3 +408,10 @@ class Replicator:
                 "window": {"from": stamp(self.window_from), "to": stamp(to)},
                 "bytes": self.bytes, "lastError": self.last_error, "lineage": self.lineage or None,
                 "requests": self.client.requests if self.client is not None else 0}
+
+
+def _seal(source: Path, target: Path, recipients: list[str]) -> None:
+    import pyrage
+
+    with open(source, "rb") as plain, open(target, "wb") as out:
+        pyrage.encrypt_io(plain, out, [crypto.parse_recipient(r) for r in recipients])

@@ -16,7 +16,9 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+from ..backups import crypto
 from . import ltx
 from .client import RemoteFile, ReplicaClient
 
@@ -110,7 +112,7 @@ class Layout:
 
 
 def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at: float | None,
-               target: Path, work: Path) -> dict[str, int]:
+               target: Path, work: Path, identities: Any = None) -> dict[str, int]:
     """The database ``db`` of ``lineage`` at ``at`` (seconds; None: the latest) into ``target``.
     Returns {"txid", "timestamp", "files"}."""
     at_ms = None if at is None else int(at * 1000)
@@ -120,7 +122,7 @@ def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at:
     for snap in reversed(snapshots):
         if at is not None and snap.file.modified > at + SLACK:
             continue
-        header = _header(client, snap, work, header_cache)
+        header = _header(client, snap, work, header_cache, identities)
         if at_ms is None or header.timestamp <= at_ms:
             chosen = snap
             break
@@ -130,7 +132,7 @@ def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at:
     applied = 0
     try:
         with open(partial, "wb+") as out:
-            checksum, page_size, last_ts = _apply(client, chosen, out, None, work)
+            checksum, page_size, last_ts = _apply(client, chosen, out, None, work, identities)
             txid = chosen.max_txid
             applied = 1
             for entry in layout.incrementals(lineage, db):
@@ -140,12 +142,12 @@ def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at:
                     break  # a gap: the state before it is the latest consistent one
                 if at is not None and entry.file.modified > at + SLACK:
                     break
-                header = _header(client, entry, work, header_cache)
+                header = _header(client, entry, work, header_cache, identities)
                 if at_ms is not None and header.timestamp > at_ms:
                     break
                 if header.pre_apply != checksum:
                     raise ReplicaRestoreError(f"{db}: the replica's files do not follow each other (TXID {entry.min_txid})")
-                checksum, page_size, last_ts = _apply(client, entry, out, page_size, work)
+                checksum, page_size, last_ts = _apply(client, entry, out, page_size, work, identities)
                 txid = entry.max_txid
                 applied += 1
             out.flush()
@@ -162,25 +164,41 @@ def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at:
     return {"txid": txid, "timestamp": last_ts, "files": applied}
 
 
-def _header(client: ReplicaClient, entry: Entry, work: Path, cache: dict[str, ltx.Header]) -> ltx.Header:
+def _header(client: ReplicaClient, entry: Entry, work: Path, cache: dict[str, ltx.Header],
+            identities: Any = None) -> ltx.Header:
     if entry.file.key not in cache:
-        local = _local(client, entry, work)
+        local = _local(client, entry, work, identities)
         with open(local, "rb") as handle:
             cache[entry.file.key] = ltx.Header.unpack(handle.read(ltx.HEADER_SIZE))
     return cache[entry.file.key]
 
 
-def _local(client: ReplicaClient, entry: Entry, work: Path) -> Path:
+def _local(client: ReplicaClient, entry: Entry, work: Path, identities: Any = None) -> Path:
     path = work / entry.file.key.replace("/", "_")
     if not path.exists():
         part = path.with_name(path.name + ".part")
         client.fetch(entry.file.key, part)
+        with open(part, "rb") as handle:
+            head = handle.read(64)
+        if crypto.is_encrypted(head):  # written while backups.encryption had recipients
+            if not identities:
+                part.unlink(missing_ok=True)
+                raise ReplicaRestoreError("the replica is encrypted: an identity is required")
+            plain = path.with_name(path.name + ".plain")
+            try:
+                crypto.decrypt_file(part, plain, identities)
+            except crypto.CryptoError as exc:
+                raise ReplicaRestoreError(str(exc)) from None
+            finally:
+                part.unlink(missing_ok=True)
+            part = plain
         os.replace(part, path)
     return path
 
 
-def _apply(client: ReplicaClient, entry: Entry, out, page_size: int | None, work: Path) -> tuple[int, int, int]:
-    local = _local(client, entry, work)
+def _apply(client: ReplicaClient, entry: Entry, out: Any, page_size: int | None, work: Path,
+           identities: Any = None) -> tuple[int, int, int]:
+    local = _local(client, entry, work, identities)
     try:
         with open(local, "rb") as handle:
             for item in ltx.decode(handle):
@@ -230,7 +248,7 @@ def _quick_check(path: Path) -> None:
 
 
 def restore_all(client: ReplicaClient, at: float | None, target_dir: Path, work: Path,
-                lineage: str | None = None) -> dict[str, object]:
+                lineage: str | None = None, identities: Any = None) -> dict[str, object]:
     """``data.db`` and ``auxiliary.db`` at ``at`` into ``target_dir`` (which must exist)."""
     layout = Layout.of(client.list())
     work.mkdir(parents=True, exist_ok=True)
@@ -238,7 +256,7 @@ def restore_all(client: ReplicaClient, at: float | None, target_dir: Path, work:
     for chosen in [lineage] if lineage else layout.candidates(at):
         out: dict[str, object] = {"lineage": chosen}
         try:
-            out["data.db"] = restore_db(client, layout, chosen, "data.db", at, target_dir / "data.db", work)
+            out["data.db"] = restore_db(client, layout, chosen, "data.db", at, target_dir / "data.db", work, identities)
         except ReplicaRestoreError as exc:
             problem = problem or exc
             if lineage or "no snapshot" not in str(exc):
@@ -247,7 +265,7 @@ def restore_all(client: ReplicaClient, at: float | None, target_dir: Path, work:
         if layout.snapshots(chosen, "auxiliary.db"):
             try:
                 out["auxiliary.db"] = restore_db(client, layout, chosen, "auxiliary.db", at,
-                                                 target_dir / "auxiliary.db", work)
+                                                 target_dir / "auxiliary.db", work, identities)
             except ReplicaRestoreError as exc:
                 if "no snapshot" not in str(exc):
                     raise
@@ -256,7 +274,7 @@ def restore_all(client: ReplicaClient, at: float | None, target_dir: Path, work:
 
 
 def backup_zip(client: ReplicaClient, at: float | None, root: Path, work: Path,
-               progress=lambda n: None, cancel=None) -> tuple[Path, dict[str, object]]:
+               progress: Any = lambda n: None, cancel: Any = None, identities: Any = None) -> tuple[Path, dict[str, object]]:
     """The databases at ``at`` from the replica, with the record files of ``root`` as they are now
     (the replica holds no files), as a backup zip with our manifest in ``work``: what a restore of
     a backup (full, partial or a dry run) takes."""
@@ -264,7 +282,7 @@ def backup_zip(client: ReplicaClient, at: float | None, root: Path, work: Path,
 
     dbs = work / "dbs"
     dbs.mkdir(parents=True, exist_ok=True)
-    info = restore_all(client, at, dbs, work / "fetch")
+    info = restore_all(client, at, dbs, work / "fetch", identities=identities)
     target = work / "replica.zip"
     with open(target, "wb") as out:
         zipper = archive.ArchiveWriter(out, progress, cancel)
