@@ -15,7 +15,7 @@ PY     := $(VENV)/bin/python
 HTTP   ?= 127.0.0.1:8090
 DIR    ?= ./pb_data
 
-.PHONY: run test soak bench bench-s3 bench-api bench-catalog wrk chromium age install install-test clean
+.PHONY: run test soak bench bench-replication bench-s3 bench-api bench-catalog wrk chromium age install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,10 @@ bench: $(VENV)/.installed-test
 # The catalog's latencies: the list with 1,000 backups and info of a backup with 10,000 entries, local and S3.
 bench-catalog: $(VENV)/.installed-test
 	$(PY) -m bench.catalog $(BENCH_ARGS)
+
+# `make bench-replication`: replication on/off/sync vs Litestream beside us (bench/replication.py).
+bench-replication: $(VENV)/.installed-test
+	$(PY) -m bench.replication $(BENCH_ARGS)
 
 bench-s3: $(VENV)/.installed-test
 	$(PY) -m bench.s3_memory $(BENCH_ARGS)
