@@ -167,10 +167,11 @@ class App:
                     await self._stale_watch
                 self._stale_watch = None
             await self.backups.shutdown()
-            await self.replication.stop(final_sync=True)
             await self.backups.notifier.close()
             await self.scheduler.stop()
             await self.logs.stop()
+            # Last: the final log lines are writes too; the last sync ships them.
+            await self.replication.stop(final_sync=True)
             self.backups.lock.release_server()
             self._started = False
         await self._close_data()

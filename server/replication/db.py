@@ -116,16 +116,20 @@ class DBReplica:
         if salts != self._salts:
             self._salts, self._offset = salts, wal.WAL_HEADER_SIZE  # a new WAL: everything before was read
         end = os.fstat(fd).st_size
+        want = MAX_READ
         while self._offset < end:
-            raw = os.pread(fd, min(end - self._offset, MAX_READ), self._offset)
+            raw = os.pread(fd, min(end - self._offset, want), self._offset)
             batch, stop = wal.parse(raw, self._offset, page_size, salts)
             if stop == self._offset:
+                if len(raw) == want:  # one transaction larger than a read: read more at once
+                    want *= 2
+                    continue
                 break
             self._offset = stop
             self.txid += 1
             self._captured.append(_Captured(batch, self.txid, int(time.time() * 1000), first_write, raw))
             first_write = None
-            if len(raw) < MAX_READ:
+            if len(raw) < want:
                 break
 
     def before_checkpoint(self) -> bool:

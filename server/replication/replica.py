@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..backups import crypto
+from ..logs import WARN
 from ..tools.security import random_string
 from . import restore as replica_restore
 from .client import FileClient, ReplicaClient, S3Client
@@ -95,6 +96,7 @@ class Replicator:
         self._backoff = 0.0
         self._stopping: tuple[bool] | None = None
         self._stop = asyncio.Event()
+        self._round_estimate = 0.0  # seconds a round takes (a moving average)
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -201,7 +203,6 @@ class Replicator:
         except Exception as exc:
             self._fail(exc)
         self._wake.set()
-        last_start = 0.0
         while True:
             if self._backoff == 0 and not self._wake.is_set():
                 try:
@@ -213,22 +214,28 @@ class Replicator:
                 if self._stopping[0]:
                     await self._round()  # the last writes, before the databases close
                 return
-            # Rounds start at most every syncInterval (start to start): a write waits at most
-            # that long, plus the round's own time, to be read.
-            interval = settings_of(self.app)["syncInterval"] / 1000
-            delay = max(self._backoff, last_start + interval - time.monotonic())
+            # A round runs when the oldest write not yet read would otherwise wait longer than
+            # syncInterval (less the time a round takes): each write is in the replica within
+            # about syncInterval, and rounds come at most that often while writes go on.
+            delay = self._backoff
+            if not delay:
+                pending = [r.first_write for r in self.replicas if r.first_write is not None]
+                if pending and self._new_lineage is None:
+                    interval = settings_of(self.app)["syncInterval"] / 1000
+                    delay = min(pending) + interval - self._round_estimate - time.time()
             if delay > 0:
                 try:
                     await asyncio.wait_for(self._stop.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
-            if self._stopping is not None and not self._wake.is_set():
+            if self._stopping is not None:
                 self._wake.set()
                 continue
-            last_start = time.monotonic()
+            started = time.monotonic()
             try:
                 await self._round()
                 self._backoff = 0.0
+                self._round_estimate = 0.7 * self._round_estimate + 0.3 * min(1.0, time.monotonic() - started)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -247,7 +254,7 @@ class Replicator:
         message = describe_error(exc)
         if message != self.last_error:
             logger.warning("replication: %s", message)
-            self.app.logs.add(2, "Replication failed", {"error": message})  # WARN
+            self.app.logs.add(WARN, "Replication failed", {"error": message})
         self.last_error = message
 
     async def _round(self) -> None:
@@ -327,6 +334,8 @@ class Replicator:
                     self.request_lineage("the replica was unreachable for too long")
                     logger.error("replication: the replica stayed unreachable; a new snapshot will be "
                                  "taken once it answers again")
+                    self.app.logs.add(WARN, "Replication: the replica stayed unreachable; the waiting files were "
+                                      "dropped and a new lineage begins once it answers again", {})
                 raise
             self._queue.pop(0)
             staged.path.unlink(missing_ok=True)
