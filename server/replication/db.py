@@ -74,6 +74,7 @@ class DBReplica:
         self._captured: list[_Captured] = []
         self._encode_lock = asyncio.Lock()
         self._ckpt: sqlite3.Connection | None = None
+        self._pin_conn: sqlite3.Connection | None = None  # a short read transaction (``checkpoint_in_two``)
         self.first_write: float | None = None  # the oldest write not captured yet
         self.ready = False  # a snapshot of the lineage is staged: captures may go on
         self._seq = 0
@@ -90,9 +91,10 @@ class DBReplica:
         return self._ckpt
 
     def close(self) -> None:
-        if self._ckpt is not None:
-            self._ckpt.close()  # a SQLite connection: SQLite keeps the file's locks for the others
-            self._ckpt = None
+        for conn in (self._ckpt, self._pin_conn):
+            if conn is not None:
+                conn.close()  # a SQLite connection: SQLite keeps the file's locks for the others
+        self._ckpt = self._pin_conn = None
 
     def note_write(self) -> None:
         if self.first_write is None:
@@ -151,6 +153,54 @@ class DBReplica:
         except sqlite3.OperationalError:
             return False
         return not busy
+
+    async def checkpoint_in_two(self) -> None:
+        """Checkpoint with the writers waiting only for the tail of the WAL.
+
+        1. A short read transaction begins (its read mark: the WAL's end now). While it lasts the
+           WAL cannot restart, so no frame can be overwritten before it was read.
+        2. A PASSIVE checkpoint copies the WAL up to that mark into the main file, writers running.
+        3. Under the write lock: the new frames are read, the read transaction ends, and a
+           TRUNCATE checkpoint copies what was written meanwhile and empties the WAL."""
+        pinned = await asyncio.to_thread(self._pin_reader)
+        try:
+            if pinned:
+                await asyncio.to_thread(self._passive)
+        finally:
+            async with self.db.write_locked():
+                await asyncio.to_thread(self.capture)
+                await asyncio.to_thread(self._unpin_reader)
+                await asyncio.to_thread(self.checkpoint)
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._pin_conn is None:
+            self._pin_conn = sqlite3.connect(self.db.path, timeout=0.05, isolation_level=None, check_same_thread=False)
+        return self._pin_conn
+
+    def _pin_reader(self) -> bool:
+        try:
+            conn = self._reader()
+            conn.execute("BEGIN")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return True
+        except sqlite3.Error:
+            self._unpin_reader()
+            return False
+
+    def _unpin_reader(self) -> None:
+        conn = self._pin_conn
+        if conn is not None and conn.in_transaction:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                conn.close()
+                self._pin_conn = None
+
+    def _passive(self) -> None:
+        try:
+            self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.OperationalError:
+            pass
 
     # --- encoding (after the lock) ---------------------------------------------------------
 

@@ -270,8 +270,8 @@ class Replicator:
             if replica.first_write is not None or replica.wal_size() > CHECKPOINT_BYTES:
                 async with replica.db.write_locked():
                     await asyncio.to_thread(replica.capture)
-                    if replica.wal_size() > CHECKPOINT_BYTES:
-                        await asyncio.to_thread(replica.checkpoint)
+                if replica.wal_size() > CHECKPOINT_BYTES:
+                    await replica.checkpoint_in_two()
                 staged = await replica.encode_pending()
                 if self._overflowed:  # read (the WAL stays bounded) and dropped: a new lineage follows
                     for item in staged:
