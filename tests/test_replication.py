@@ -98,7 +98,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
     write(api, su, range(written + 1, written + 2))
     status = wait_synced(api, su)
     yield {"tmp": tmp, "server": server, "api": api, "su": su, "replica": replica, "marks": marks,
-           "written": written, "lineage": status["lineage"]}
+           "written": written, "lineage": status["lineage"], "rows_now": list(range(1, written + 2))}
     api.close()
     server.stop()
 
@@ -149,6 +149,33 @@ def test_point_in_time_with_our_cli_and_litestream(env: Any) -> None:
     assert result.returncode == 1 and "Error:" in result.stderr
 
 
+def test_a_restart_goes_on_with_the_lineage(env: Any) -> None:
+    api, su = env["api"], env["su"]
+    server: ServerProcess = env["server"]
+    server.restart()  # SIGTERM: the last writes are shipped before the databases close
+    more = range(env["written"] + 2, env["written"] + 12)
+    write(api, su, more)
+    env["rows_now"] += list(more)
+    status = wait_synced(api, su)
+    assert status["lineage"] == env["lineage"]
+    snapshots = sorted((env["replica"] / env["lineage"] / "data.db" / "ltx" / "9").glob("*.ltx"))
+    assert len(snapshots) == 2  # the lineage's first, and the one taken at the restart
+    target = env["tmp"] / "after_restart"
+    run_cli("backup", "replica", "restore", "--from", str(env["replica"]), "--dir", str(target))
+    assert rows_of(target / "data.db") == env["rows_now"]
+    litestream = Path(sysconfig.get_path("scripts")) / "litestream"
+    out = env["tmp"] / "litestream_after_restart.db"
+    done = subprocess.run([str(litestream), "restore", "-o", str(out),
+                           f"file://{env['replica'] / env['lineage'] / 'data.db'}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert rows_of(out) == env["rows_now"]
+    # A moment before the restart still restores from the same lineage.
+    moment, expected = env["marks"][1]
+    target = env["tmp"] / "before_restart"
+    run_cli("backup", "replica", "restore", "--from", str(env["replica"]), "--at", stamp(moment), "--dir", str(target))
+    assert rows_of(target / "data.db") == expected
+
+
 def _wait_job(api: Api, su: dict[str, str], since: str) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         try:
@@ -170,7 +197,7 @@ def test_restores_through_the_api_start_new_lineages(env: Any) -> None:
     assert api.http.post(url, headers=su, json={"at": stamp(marks[0][0]), "dryRun": True}).status_code == 204
     last = _wait_job(api, su, since)
     assert last["ok"], last
-    assert rows_of(server.data_dir / "data.db") == marks[-1][1] + [env["written"] + 1]
+    assert rows_of(server.data_dir / "data.db") == env["rows_now"]
     # "nums as it was at that moment", online: a partial restore of the collection.
     since = stamp(time.time())
     response = api.http.post(url, headers=su, json={"at": stamp(marks[1][0]), "collections": ["nums"],

@@ -249,16 +249,21 @@ class DBReplica:
 
     # --- snapshots -------------------------------------------------------------------------
 
-    async def snapshot(self, lineage: str, new: bool) -> list[Staged]:
-        """A snapshot (level 9, TXIDs 1..N) of the database now: of a new lineage (N = 1), or of the
-        current one at its last TXID. Returns what it staged (the last captures, then the snapshot)."""
+    async def snapshot(self, lineage: str, new: bool, start_txid: int | None = None) -> list[Staged]:
+        """A snapshot (level 9, TXIDs 1..N) of the database now: of a new lineage (N = 1), of the
+        current one at its last TXID, or (``start_txid``) of a lineage resumed after a restart at
+        that TXID. Returns what it staged (the last captures, then the snapshot)."""
+        if start_txid is not None:
+            self._captured.clear()
+            self.ready = False
+            self.lineage, self.txid = lineage, start_txid
         staged: list[Staged] = []
         conn = await asyncio.to_thread(sqlite3.connect, self.db.path, timeout=0.05, isolation_level=None,
                                        check_same_thread=False)
         try:
             for attempt in range(200):
                 async with self.db.write_locked():
-                    if not new:
+                    if not new and start_txid is None:
                         await asyncio.to_thread(self.capture)
                     pinned = await asyncio.to_thread(self._pin, conn)
                     if pinned is not None:
@@ -277,7 +282,8 @@ class DBReplica:
             if new:
                 self._captured.clear()
                 self.lineage, self.txid = lineage, 1
-            staged.append(await asyncio.to_thread(self._encode_snapshot, page_size, pages, not new))
+            staged.append(await asyncio.to_thread(self._encode_snapshot, page_size, pages,
+                                                  not new and start_txid is None))
         finally:
             await asyncio.to_thread(conn.close)
             self.ready = True

@@ -22,7 +22,9 @@ One task per server. While replication is enabled it:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -75,6 +77,9 @@ class Replicator:
     def __init__(self, app: "App") -> None:
         self.app = app
         self.staging = app.datadir.root / ".pb_replica"
+        self.state_file = app.datadir.root / ".pb_replica_state.json"  # the lineage in progress
+        self._started_once = False
+        self._resume: str | None = None
         self.replicas: list[DBReplica] = []
         self.client: ReplicaClient | None = None
         self.lineage = ""
@@ -135,9 +140,29 @@ class Replicator:
             await self.stop()
         self._config = config
         self.client = client
-        await self._start()
+        await self._start(resume=not self._started_once)
+        self._started_once = True
 
-    async def _start(self) -> None:
+    def _target(self) -> str:
+        assert self._config is not None
+        return f"{self._config[0]}:{self._config[1]}"
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) and isinstance(state.get("lineage"), str) else None
+
+    def _write_state(self) -> None:
+        temp = self.state_file.with_name(self.state_file.name + ".tmp")
+        with open(temp, "w") as out:
+            json.dump({"lineage": self.lineage, "target": self._target()}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, self.state_file)
+
+    async def _start(self, resume: bool = False) -> None:
         await asyncio.to_thread(shutil.rmtree, self.staging, True)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.replicas = [DBReplica("data.db", self.app.db, self.staging),
@@ -146,6 +171,10 @@ class Replicator:
             replica.db.replica = _Hook(self, replica)
             await replica.db.set_autocheckpoint(False)
         self._new_lineage = "the server started"
+        # At the server's start, the lineage of the last run goes on (same replica, and the data
+        # were not replaced meanwhile: a restore moves this file aside with the data it replaces).
+        state = await asyncio.to_thread(self._read_state) if resume else None
+        self._resume = state["lineage"] if state is not None and state.get("target") == self._target() else None
         self._task = asyncio.create_task(self._run(), name="replication")
 
     async def stop(self, final_sync: bool = False) -> None:
@@ -293,14 +322,44 @@ class Replicator:
             return False
 
     async def _begin_lineage(self, reason: str) -> None:
+        resume, self._resume = self._resume, None
+        if resume is not None and await self._resume_lineage(resume):
+            return
         self.lineage = replica_restore.new_lineage_name(random_string(6, "0123456789abcdef"))
         self._drop_queue()
         self._overflowed = False
         for replica in self.replicas:
             self._queue += await replica.snapshot(self.lineage, new=True)
         self._last_snapshot = time.time()
+        await asyncio.to_thread(self._write_state)
         logger.info("replication: lineage %s begun (%s)", self.lineage, reason)
         self.app.logs.info("Replication lineage begun", lineage=self.lineage, reason=reason)
+
+    async def _resume_lineage(self, lineage: str) -> bool:
+        """Go on with ``lineage`` after a restart: a snapshot of each database now, with the TXID
+        after the last one in the replica (what the last run staged but never sent is in it).
+        False (a new lineage, then) if the replica cannot tell where that lineage ended."""
+        assert self.client is not None
+        try:
+            layout = replica_restore.Layout.of(await asyncio.to_thread(self.client.list, lineage + "/"))
+        except Exception as exc:
+            self._fail(exc)
+            return False
+        last = {}
+        for replica in self.replicas:
+            entries = layout.entries.get(lineage, {}).get(replica.name, [])
+            if not entries:
+                return False
+            last[replica.name] = max(e.max_txid for e in entries)
+        self.lineage = lineage
+        self._drop_queue()
+        self._overflowed = False
+        for replica in self.replicas:
+            self._queue += await replica.snapshot(lineage, new=False, start_txid=last[replica.name] + 1)
+        self._last_snapshot = time.time()
+        logger.info("replication: lineage %s goes on after a restart", lineage)
+        self.app.logs.info("Replication lineage resumed", lineage=lineage)
+        return True
 
     async def _snapshot(self) -> None:
         for replica in self.replicas:
