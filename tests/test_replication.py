@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from conftest import Api, S3Server, ServerProcess, auth, run_cli, start_server, wait_for
+from conftest import (SUPERUSER_EMAIL, SUPERUSER_PASSWORD, Api, S3Server, ServerProcess, auth, run_cli, start_server,
+                      wait_for)
 
 SYNC_MS = 200
 QUIET = 0.5  # seconds without writes on each side of a moment (> SYNC_MS + a round)
@@ -258,6 +259,61 @@ def test_sigkill_then_a_new_machine(env: Any) -> None:
         fresh_api.close()
     finally:
         fresh.stop()
+
+
+def test_kill_points_in_the_replicator(tmp_path: Path) -> None:
+    """SIGKILL inside the replicator (an LTX file staged and not sent; one just sent; a checkpoint
+    halfway, with a 64 KiB WAL bound so that it comes soon): each time the replica restores a
+    consistent prefix of the rows, and the restarted server goes on with the lineage."""
+    data_dir = tmp_path / "pb_data"
+    replica = tmp_path / "replica"
+    run_cli("superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, data_dir=data_dir)
+    server = ServerProcess(data_dir, env={"PB_REPLICA_CHECKPOINT_BYTES": str(64 << 10)})
+    server.start()
+    api = Api(server)
+    su = auth(api.superuser_token())
+    assert api.http.patch("/api/settings", headers=su, json={"backups": {"replication": {
+        "enabled": True, "path": str(replica), "syncInterval": 100}}}).status_code == 200
+    assert api.http.post("/api/collections", headers=su, json={
+        "name": "nums", "type": "base", "fields": [{"name": "n", "type": "number"}]}).status_code == 200
+    n = 0
+    try:
+        for point in ("replica-staged", "replica-uploaded", "replica-checkpointing"):
+            server.stop()
+            server.env["PB_FAULTS"] = point
+            server.start()
+            api.close()
+            api = Api(server)
+            acked = n
+            while n < acked + 5000:
+                try:
+                    response = api.http.post("/api/collections/nums/records", headers=su, json={"n": n + 1},
+                                             timeout=5)
+                except Exception:
+                    break  # killed at the point
+                assert response.status_code == 200, response.text
+                n += 1
+            assert server.process is not None and server.process.wait(timeout=10) == -signal.SIGKILL, point
+            server.process = None
+            target = tmp_path / f"after_{point}"
+            run_cli("backup", "replica", "restore", "--from", str(replica), "--dir", str(target))
+            rows = rows_of(target / "data.db")
+            committed = rows_of(data_dir / "data.db")  # (the last write may be in, its answer lost)
+            assert rows == committed[:len(rows)], point  # a consistent prefix
+            n = len(committed)
+        server.env.pop("PB_FAULTS")
+        server.start()
+        api.close()
+        api = Api(server)
+        write(api, su, range(n + 1, n + 21))
+        wait_synced(api, su)
+        target = tmp_path / "at_last"
+        run_cli("backup", "replica", "restore", "--from", str(replica), "--dir", str(target))
+        assert rows_of(target / "data.db") == rows_of(data_dir / "data.db")
+        assert len(list(replica.iterdir())) == 1  # one lineage through the kills
+    finally:
+        api.close()
+        server.stop()
 
 
 def test_s3_replica_outage_and_sync_mode(tmp_path: Path, s3_server: S3Server) -> None:

@@ -27,13 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import faults
 from . import ltx, wal
 
 if TYPE_CHECKING:
     from ..database import Database
 
 logger = logging.getLogger("server.replication")
-CHECKPOINT_BYTES = 4 << 20  # the WAL is checkpointed (TRUNCATE) once it has grown past this
+# The WAL is checkpointed (TRUNCATE) once it has grown past this (PB_REPLICA_CHECKPOINT_BYTES: a
+# test hook, a smaller bound).
+CHECKPOINT_BYTES = int(os.environ.get("PB_REPLICA_CHECKPOINT_BYTES") or 4 << 20)
 MAX_READ = 64 << 20  # at most this much WAL is read under the write lock at once
 SNAPSHOT_LEVEL = 9
 
@@ -166,6 +169,7 @@ class DBReplica:
         try:
             if pinned:
                 await asyncio.to_thread(self._passive)
+                faults.point("replica-checkpointing")
         finally:
             async with self.db.write_locked():
                 await asyncio.to_thread(self.capture)

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import faults
 from ..backups import crypto
 from ..logs import WARN
 from ..tools.security import random_string
@@ -302,6 +303,8 @@ class Replicator:
                 if replica.wal_size() > CHECKPOINT_BYTES:
                     await replica.checkpoint_in_two()
                 staged = await replica.encode_pending()
+                if staged:
+                    faults.point("replica-staged")
                 if self._overflowed:  # read (the WAL stays bounded) and dropped: a new lineage follows
                     for item in staged:
                         item.path.unlink(missing_ok=True)
@@ -396,6 +399,8 @@ class Replicator:
                     self.app.logs.add(WARN, "Replication: the replica stayed unreachable; the waiting files were "
                                       "dropped and a new lineage begins once it answers again", {})
                 raise
+            if "/ltx/0/" in staged.key:
+                faults.point("replica-uploaded")
             self._queue.pop(0)
             staged.path.unlink(missing_ok=True)
             self.bytes += staged.size
