@@ -157,6 +157,13 @@ def test_a_restart_goes_on_with_the_lineage(env: Any) -> None:
     more = range(env["written"] + 2, env["written"] + 12)
     write(api, su, more)
     env["rows_now"] += list(more)
+    # A backup meanwhile: its snapshot checkpoints the WAL, after the replicator has read it.
+    assert api.http.post("/api/backups", headers=su, json={}).status_code == 204
+    wait_for(lambda: (api.http.get("/api/backups/status", headers=su).json()["last"] or {}).get("op") == "create",
+             "the backup")
+    more = range(env["written"] + 12, env["written"] + 22)
+    write(api, su, more)
+    env["rows_now"] += list(more)
     status = wait_synced(api, su)
     assert status["lineage"] == env["lineage"]
     snapshots = sorted((env["replica"] / env["lineage"] / "data.db" / "ltx" / "9").glob("*.ltx"))
@@ -268,7 +275,8 @@ def test_kill_points_in_the_replicator(tmp_path: Path) -> None:
     data_dir = tmp_path / "pb_data"
     replica = tmp_path / "replica"
     run_cli("superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, data_dir=data_dir)
-    server = ServerProcess(data_dir, env={"PB_REPLICA_CHECKPOINT_BYTES": str(64 << 10)})
+    server = ServerProcess(data_dir, env={"PB_REPLICA_CHECKPOINT_BYTES": str(64 << 10),
+                                          "PB_REPLICA_SNAPSHOT_SECONDS": "1"})
     server.start()
     api = Api(server)
     su = auth(api.superuser_token())
@@ -306,7 +314,14 @@ def test_kill_points_in_the_replicator(tmp_path: Path) -> None:
         api.close()
         api = Api(server)
         write(api, su, range(n + 1, n + 21))
+        time.sleep(1.2)  # a periodic snapshot (1 s here) comes with the next writes
+        write(api, su, range(n + 21, n + 41))
         wait_synced(api, su)
+        # The periodic snapshot matched the state the level-0 files had built, checksum for checksum.
+        assert "checksum differs" not in server.output()
+        lineage = next(replica.iterdir())
+        kills_and_first = 1 + 3
+        assert len(list((lineage / "data.db" / "ltx" / "9").glob("*.ltx"))) > kills_and_first
         target = tmp_path / "at_last"
         run_cli("backup", "replica", "restore", "--from", str(replica), "--dir", str(target))
         assert rows_of(target / "data.db") == rows_of(data_dir / "data.db")

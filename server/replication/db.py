@@ -336,6 +336,8 @@ class DBReplica:
                     encoder.page(pgno, os.pread(fd, page_size, (pgno - 1) * page_size))
             encoder.finish()
         if check and expected != ltx.FLAG | rolling:
+            # The replicated state and the database differ: a bug, or a write behind our back (another
+            # process). The snapshot is the truth from here on; restores before it use the older files.
             logger.error("%s: the snapshot's checksum differs from the replicated state", self.name)
         self._checksums, self._rolling, self.commit = checksums, rolling, pages
         return Staged(path, key, timestamp, path.stat().st_size, None)

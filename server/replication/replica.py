@@ -48,8 +48,15 @@ RETENTION_CHECK_SECONDS = 3600.0
 SYNC_WAIT_SECONDS = 30.0  # sync mode: a write waits at most this long for the replica
 
 
+SNAPSHOT_SECONDS_ENV = "PB_REPLICA_SNAPSHOT_SECONDS"  # a test hook: snapshotInterval in seconds
+
+
 def settings_of(app: "App") -> dict[str, Any]:
     return app.settings.data["backups"]["replication"]
+
+
+def snapshot_seconds(app: "App") -> float:
+    return float(os.environ.get(SNAPSHOT_SECONDS_ENV) or settings_of(app)["snapshotInterval"] * 3600)
 
 
 class _Hook:
@@ -273,8 +280,7 @@ class Replicator:
                 self._backoff = min(30.0, max(1.0, self._backoff * 2))
 
     def _next_timer(self) -> float:
-        conf = settings_of(self.app)
-        snapshot_due = self._last_snapshot + conf["snapshotInterval"] * 3600 - time.time()
+        snapshot_due = self._last_snapshot + snapshot_seconds(self.app) - time.time()
         retention_due = self._last_retention + RETENTION_CHECK_SECONDS - time.time()
         return max(1.0, min(snapshot_due, retention_due))
 
@@ -293,7 +299,7 @@ class Replicator:
         if self._new_lineage is not None and (not self._overflowed or await self._reachable()):
             reason, self._new_lineage = self._new_lineage, None
             await self._begin_lineage(reason)
-        elif time.time() - self._last_snapshot > conf["snapshotInterval"] * 3600:
+        elif time.time() - self._last_snapshot > snapshot_seconds(self.app):
             await self._snapshot()
         seq = self._write_seq
         for replica in self.replicas:
