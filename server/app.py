@@ -131,6 +131,11 @@ class App:
         await self.aux_db.open()
         await self.collections.bootstrap()
         await self.settings.load()
+        if self.settings.data["backups"]["replication"]["enabled"]:
+            # Checkpoints belong to the replicator of the server (issue 16): this process (the CLI
+            # beside a running server) must never checkpoint frames the server has not read.
+            for database in (self.db, self.aux_db):
+                await database.set_autocheckpoint(False)
 
     async def _close_data(self) -> None:
         await self.aux_db.close()
