@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..backups import crypto
 from . import ltx
 from .client import RemoteFile, ReplicaClient
 
@@ -131,7 +130,8 @@ def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at:
     partial = target.with_name(target.name + ".partial")
     applied = 0
     try:
-        with open(partial, "wb+") as out:
+        # Pages go in with pwrite (a buffered file's seek flushes at every page: 3x slower).
+        with open(partial, "wb+", buffering=0) as out:
             checksum, page_size, last_ts = _apply(client, chosen, out, None, work, identities)
             txid = chosen.max_txid
             applied = 1
@@ -150,10 +150,9 @@ def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at:
                 checksum, page_size, last_ts = _apply(client, entry, out, page_size, work, identities)
                 txid = entry.max_txid
                 applied += 1
-            out.flush()
             os.fsync(out.fileno())
-            out.seek(0)
-            if database_checksum(out, page_size) != checksum:
+        with open(partial, "rb", buffering=1 << 20) as rebuilt:  # read back: what is on disk is checked
+            if database_checksum(rebuilt, page_size) != checksum:
                 raise ReplicaRestoreError(f"{db}: the rebuilt database does not match the replica's checksum")
         _quick_check(partial)
         os.replace(partial, target)
@@ -180,7 +179,9 @@ def _local(client: ReplicaClient, entry: Entry, work: Path, identities: Any = No
         client.fetch(entry.file.key, part)
         with open(part, "rb") as handle:
             head = handle.read(64)
-        if crypto.is_encrypted(head):  # written while backups.encryption had recipients
+        if _is_age(head):  # written while backups.encryption had recipients
+            from ..backups import crypto  # (the server's whole backup package: only when needed)
+
             if not identities:
                 part.unlink(missing_ok=True)
                 raise ReplicaRestoreError("the replica is encrypted: an identity is required")
@@ -196,6 +197,11 @@ def _local(client: ReplicaClient, entry: Entry, work: Path, identities: Any = No
     return path
 
 
+def _is_age(head: bytes) -> bool:
+    """An age file, binary or armored (as ``backups.crypto.is_encrypted``)."""
+    return head.startswith(b"age-encryption.org/") or head.lstrip(b" \t\r\n").startswith(b"-----BEGIN AGE ENCRYPTED FILE-----")
+
+
 def _apply(client: ReplicaClient, entry: Entry, out: Any, page_size: int | None, work: Path,
            identities: Any = None) -> tuple[int, int, int]:
     local = _local(client, entry, work, identities)
@@ -206,11 +212,10 @@ def _apply(client: ReplicaClient, entry: Entry, out: Any, page_size: int | None,
                     header = item.header
                     if page_size is not None and header.page_size != page_size:
                         raise ReplicaRestoreError("the page size changed within a lineage")
-                    out.truncate(header.commit * header.page_size)
+                    os.ftruncate(out.fileno(), header.commit * header.page_size)
                     return header.post_apply, header.page_size, header.timestamp
                 pgno, data = item
-                out.seek((pgno - 1) * len(data))
-                out.write(data)
+                os.pwrite(out.fileno(), data, (pgno - 1) * len(data))
     except ltx.LTXError as exc:
         raise ReplicaRestoreError(f"{entry.db}: a replica file is damaged ({exc})") from None
     finally:
