@@ -280,6 +280,9 @@ def test_kill_points_in_the_replicator(tmp_path: Path) -> None:
     server.start()
     api = Api(server)
     su = auth(api.superuser_token())
+    response = api.http.post("/api/backups/replication/restore", headers=su, json={"at": stamp(time.time())})
+    assert response.status_code == 400 and "not enabled" in response.json()["message"]
+    assert api.http.get("/api/backups/replication", headers=su).json()["enabled"] is False
     assert api.http.patch("/api/settings", headers=su, json={"backups": {"replication": {
         "enabled": True, "path": str(replica), "syncInterval": 100}}}).status_code == 200
     assert api.http.post("/api/collections", headers=su, json={

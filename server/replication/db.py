@@ -165,6 +165,8 @@ class DBReplica:
         2. A PASSIVE checkpoint copies the WAL up to that mark into the main file, writers running.
         3. Under the write lock: the new frames are read, the read transaction ends, and a
            TRUNCATE checkpoint copies what was written meanwhile and empties the WAL."""
+        if not self.ready:
+            return
         pinned = await asyncio.to_thread(self._pin_reader)
         try:
             if pinned:
@@ -174,7 +176,8 @@ class DBReplica:
             async with self.db.write_locked():
                 await asyncio.to_thread(self.capture)
                 await asyncio.to_thread(self._unpin_reader)
-                await asyncio.to_thread(self.checkpoint)
+                if self.ready:
+                    await asyncio.to_thread(self.checkpoint)
 
     def _reader(self) -> sqlite3.Connection:
         if self._pin_conn is None:
@@ -182,6 +185,8 @@ class DBReplica:
         return self._pin_conn
 
     def _pin_reader(self) -> bool:
+        if not self.ready:  # (the file is being swapped: a connection now would keep its WAL)
+            return False
         try:
             conn = self._reader()
             conn.execute("BEGIN")

@@ -74,6 +74,7 @@ class _Hook:
         return self.replica.before_checkpoint()
 
     def close(self) -> None:
+        self.replica.ready = False  # (a file swap: no more reads of it until the new lineage)
         self.replica.close()
 
     def replaced(self) -> None:
