@@ -334,6 +334,61 @@ def test_kill_points_in_the_replicator(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_a_long_outage_and_retention(tmp_path: Path) -> None:
+    """The replica away past the bound of waiting files (1 byte here): they are dropped, writes go
+    on, and once it is back a new lineage begins, which holds everything. Retention (2 s here, with
+    a snapshot every second) then deletes the old lineage and the superseded files, never what the
+    latest state needs."""
+    data_dir = tmp_path / "pb_data"
+    replica = tmp_path / "replica"
+    run_cli("superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, data_dir=data_dir)
+    server = ServerProcess(data_dir, env={"PB_REPLICA_MAX_STAGED_BYTES": "1", "PB_REPLICA_RETENTION_SECONDS": "2",
+                                          "PB_REPLICA_SNAPSHOT_SECONDS": "1"})
+    server.start()
+    api = Api(server)
+    try:
+        su = auth(api.superuser_token())
+        assert api.http.patch("/api/settings", headers=su, json={"backups": {"replication": {
+            "enabled": True, "path": str(replica), "syncInterval": 100}}}).status_code == 200
+        assert api.http.post("/api/collections", headers=su, json={
+            "name": "nums", "type": "base", "fields": [{"name": "n", "type": "number"}]}).status_code == 200
+        write(api, su, range(1, 21))
+        first = wait_synced(api, su)["lineage"]
+        away = tmp_path / "replica.away"
+        replica.rename(away)
+        replica.write_text("not a directory")  # the disk of the replica is gone
+        write(api, su, range(21, 41))
+        wait_for(lambda: replication(api, su)["lastError"], "the outage to show")
+        replica.unlink()
+        away.rename(replica)
+        second = wait_synced(api, su, first)["lineage"]
+        assert second > first and "stayed unreachable" in server.output()
+        target = tmp_path / "after_outage"
+        run_cli("backup", "replica", "restore", "--from", str(replica), "--dir", str(target))
+        assert rows_of(target / "data.db") == list(range(1, 41))
+        for start in (41, 51, 61):
+            write(api, su, range(start, start + 10))
+            time.sleep(1.1)
+
+        more = iter(range(1000, 100000))
+
+        def trimmed() -> bool:
+            number = next(more)
+            write(api, su, range(number, number + 1))
+            level = replica / second / "data.db" / "ltx"
+            superseded = (level / "0" / "0000000000000002-0000000000000002.ltx").exists()
+            return not (replica / first).exists() and len(list((level / "9").glob("*.ltx"))) <= 4 and not superseded
+
+        wait_for(trimmed, "retention", timeout=20)
+        wait_synced(api, su)
+        target = tmp_path / "after_retention"
+        run_cli("backup", "replica", "restore", "--from", str(replica), "--dir", str(target))
+        assert rows_of(target / "data.db") == rows_of(data_dir / "data.db")
+    finally:
+        api.close()
+        server.stop()
+
+
 def test_s3_replica_outage_and_sync_mode(tmp_path: Path, s3_server: S3Server) -> None:
     """Replication to S3 (rclone) under replica/, age-encrypted (backups.encryption): an outage
     makes the lag grow and shows in the status, writes go on, and it heals by itself; then in

@@ -43,8 +43,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("server.replication")
 S3_PREFIX = "replica/"
-MAX_STAGED_BYTES = 256 << 20
-RETENTION_CHECK_SECONDS = 3600.0
+# Test hooks: PB_REPLICA_MAX_STAGED_BYTES, PB_REPLICA_RETENTION_SECONDS (retention in seconds,
+# checked every second), PB_REPLICA_SNAPSHOT_SECONDS (below).
+MAX_STAGED_BYTES = int(os.environ.get("PB_REPLICA_MAX_STAGED_BYTES") or 256 << 20)
+RETENTION_SECONDS_ENV = "PB_REPLICA_RETENTION_SECONDS"
+RETENTION_CHECK_SECONDS = 1.0 if os.environ.get(RETENTION_SECONDS_ENV) else 3600.0
 SYNC_WAIT_SECONDS = 30.0  # sync mode: a write waits at most this long for the replica
 
 
@@ -443,7 +446,7 @@ class Replicator:
         taken before that moment."""
         assert self.client is not None
         self._last_retention = time.time()
-        cutoff = time.time() - settings_of(self.app)["retention"] * 3600
+        cutoff = time.time() - float(os.environ.get(RETENTION_SECONDS_ENV) or settings_of(self.app)["retention"] * 3600)
         layout = replica_restore.Layout.of(await asyncio.to_thread(self.client.list))
         doomed: list[str] = []
         for lineage in layout.lineages():
