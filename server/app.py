@@ -159,7 +159,7 @@ class App:
         self.backups.start_preserving()
         self._stale_watch = asyncio.create_task(self._watch_stale(), name="backup-stale-watch")
         try:
-            await self.replication.apply_settings()
+            await self.replication.apply_settings(boot=True)
         except Exception as exc:  # never stops the server from serving: shown in the status
             logger.exception("replication could not start")
             self.replication.last_error = describe_error(exc)

@@ -90,7 +90,6 @@ class Replicator:
         self.app = app
         self.staging = app.datadir.root / ".pb_replica"
         self.state_file = app.datadir.root / ".pb_replica_state.json"  # the lineage in progress
-        self._started_once = False
         self._resume: str | None = None
         self.replicas: list[DBReplica] = []
         self.client: ReplicaClient | None = None
@@ -136,10 +135,13 @@ class Replicator:
     def client_now(self) -> ReplicaClient:
         return self._client_for()[0]
 
-    async def apply_settings(self) -> None:
-        """Start, stop or restart after a settings change (or at the server's start)."""
+    async def apply_settings(self, boot: bool = False) -> None:
+        """Start, stop or restart after a settings change, or at the server's start (``boot``:
+        only then may the lineage of the last run go on)."""
         if not self.enabled:
             await self.stop()
+            # Writes from now on reach no replica: a later start must not go on with the lineage.
+            await asyncio.to_thread(self.state_file.unlink, True)
             return
         client, key = self._client_for()
         conf = settings_of(self.app)
@@ -152,8 +154,7 @@ class Replicator:
             await self.stop()
         self._config = config
         self.client = client
-        await self._start(resume=not self._started_once)
-        self._started_once = True
+        await self._start(resume=boot)
 
     def _target(self) -> str:
         assert self._config is not None
