@@ -280,7 +280,7 @@ class BackupManager:
                 asyncio.ensure_future(self._remember_success(job))
                 if job.request is not None and self.replication is not None and self.replication.enabled:
                     # The replica never mixes the states of before and after a restore (issue 16).
-                    self.replication.request_lineage("a partial restore")
+                    self.replication.request_lineage("a partial restore", job.started_at.timestamp())
             elif not isinstance(error, asyncio.CancelledError):
                 self.notify_event("failure", job.op, job.key, self.last["error"])
         elif job.op == "create" and error is not None and not isinstance(error, asyncio.CancelledError):

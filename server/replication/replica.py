@@ -113,6 +113,7 @@ class Replicator:
         self._stopping: tuple[bool] | None = None
         self._stop = asyncio.Event()
         self._round_estimate = 0.0  # seconds a round takes (a moving average)
+        self._lineage_started = 0.0
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -232,7 +233,11 @@ class Replicator:
         except asyncio.TimeoutError:
             logger.warning("replication: a write was answered before the replica held it (sync mode)")
 
-    def request_lineage(self, reason: str) -> None:
+    def request_lineage(self, reason: str, since: float | None = None) -> None:
+        """A new lineage at the next round; with ``since`` (a time), not if one began or is
+        asked for since then (a partial restore whose file swap asked already)."""
+        if since is not None and (self._new_lineage is not None or self._lineage_started >= since):
+            return
         self._new_lineage = reason
         self._wake.set()
 
@@ -343,6 +348,7 @@ class Replicator:
         self.lineage = replica_restore.new_lineage_name(random_string(6, "0123456789abcdef"))
         self._drop_queue()
         self._overflowed = False
+        self._lineage_started = time.time()
         for replica in self.replicas:
             self._queue += await replica.snapshot(self.lineage, new=True)
         self._last_snapshot = time.time()
