@@ -110,6 +110,7 @@ class Replicator:
         self._last_snapshot = 0.0
         self._last_retention = 0.0
         self._backoff = 0.0
+        self._next_upload = 0.0  # (monotonic) uploads wait for this after a failure
         self._stopping: tuple[bool] | None = None
         self._stop = asyncio.Event()
         self._round_estimate = 0.0  # seconds a round takes (a moving average)
@@ -251,26 +252,28 @@ class Replicator:
             self._fail(exc)
         self._wake.set()
         while True:
-            if self._backoff == 0 and not self._wake.is_set():
+            if not self._wake.is_set():
+                timeout = self._next_timer()
+                if self._queue:  # files waiting for a replica that failed: try again after the backoff
+                    timeout = min(timeout, max(0.05, self._next_upload - time.monotonic()))
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self._next_timer())
+                    await asyncio.wait_for(self._wake.wait(), timeout)
                 except asyncio.TimeoutError:
                     pass
             self._wake.clear()
             if self._stopping is not None:
                 if self._stopping[0]:
-                    await self._round()  # the last writes, before the databases close
+                    await self._round(True)  # the last writes, before the databases close
                 return
             # A round runs when the oldest write not yet read would otherwise wait longer than
             # syncInterval (less the time a round takes): each write is in the replica within
             # about syncInterval, and rounds come at most that often while writes go on.
-            delay = self._backoff
-            if not delay:
-                pending = [r.first_write for r in self.replicas if r.first_write is not None]
-                if pending and self._new_lineage is None:
-                    interval = settings_of(self.app)["syncInterval"] / 1000
-                    # (5% to spare: the round may start late on a busy machine)
-                    delay = min(pending) + 0.95 * interval - self._round_estimate - time.time()
+            delay = 0.0
+            pending = [r.first_write for r in self.replicas if r.first_write is not None]
+            if pending and self._new_lineage is None:
+                interval = settings_of(self.app)["syncInterval"] / 1000
+                # (5% to spare: the round may start late on a busy machine)
+                delay = min(pending) + 0.95 * interval - self._round_estimate - time.time()
             if delay > 0:
                 try:
                     await asyncio.wait_for(self._stop.wait(), delay)
@@ -280,15 +283,20 @@ class Replicator:
                 self._wake.set()
                 continue
             started = time.monotonic()
+            # While the replica fails, rounds go on reading the WAL and checkpointing it (its
+            # bound holds); only the uploads wait for the backoff.
+            upload = started >= self._next_upload
             try:
-                await self._round()
-                self._backoff = 0.0
-                self._round_estimate = 0.7 * self._round_estimate + 0.3 * min(1.0, time.monotonic() - started)
+                await self._round(upload)
+                if upload:
+                    self._backoff = 0.0
+                    self._round_estimate = 0.7 * self._round_estimate + 0.3 * min(1.0, time.monotonic() - started)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._fail(exc)
                 self._backoff = min(30.0, max(1.0, self._backoff * 2))
+                self._next_upload = time.monotonic() + self._backoff
 
     def _next_timer(self) -> float:
         snapshot_due = self._last_snapshot + snapshot_seconds(self.app) - time.time()
@@ -304,10 +312,9 @@ class Replicator:
             self.app.logs.add(WARN, "Replication failed", {"error": message})
         self.last_error = message
 
-    async def _round(self) -> None:
+    async def _round(self, upload: bool = True) -> None:
         assert self.client is not None
-        conf = settings_of(self.app)
-        if self._new_lineage is not None and (not self._overflowed or await self._reachable()):
+        if self._new_lineage is not None and (not self._overflowed or (upload and await self._reachable())):
             reason, self._new_lineage = self._new_lineage, None
             await self._begin_lineage(reason)
         elif time.time() - self._last_snapshot > snapshot_seconds(self.app):
@@ -328,6 +335,10 @@ class Replicator:
                     continue
                 self._queue += staged
         self._captured_seq = seq
+        if not upload:  # (backing off after a failure)
+            if sum(s.size for s in self._queue) > MAX_STAGED_BYTES:
+                self._overflow()
+            return
         await self._upload()
         if time.time() - self._last_retention > RETENTION_CHECK_SECONDS:
             await self._retention()
@@ -409,13 +420,7 @@ class Replicator:
                     await asyncio.to_thread(self.client.put, staged.key, staged.path, staged.timestamp)
             except Exception:
                 if sum(s.size for s in self._queue) > MAX_STAGED_BYTES:
-                    self._drop_queue()
-                    self._overflowed = True
-                    self.request_lineage("the replica was unreachable for too long")
-                    logger.error("replication: the replica stayed unreachable; a new snapshot will be "
-                                 "taken once it answers again")
-                    self.app.logs.add(WARN, "Replication: the replica stayed unreachable; the waiting files were "
-                                      "dropped and a new lineage begins once it answers again", {})
+                    self._overflow()
                 raise
             if "/ltx/0/" in staged.key:
                 faults.point("replica-uploaded")
@@ -427,6 +432,16 @@ class Replicator:
                 self.window_from = self.window_to
             self.last_error = None
         self._release_waiters(self._captured_seq)
+
+    def _overflow(self) -> None:
+        """The replica stayed away past the bound of waiting files: they go, and a new lineage
+        begins once it answers again (meanwhile the WAL is still read and checkpointed)."""
+        self._drop_queue()
+        self._overflowed = True
+        self.request_lineage("the replica was unreachable for too long")
+        logger.error("replication: the replica stayed unreachable; a new snapshot will be taken once it answers again")
+        self.app.logs.add(WARN, "Replication: the replica stayed unreachable; the waiting files were dropped and a "
+                          "new lineage begins once it answers again", {})
 
     def _release_waiters(self, seq: int) -> None:
         keep = []
