@@ -138,8 +138,9 @@ class App:
                 await database.set_autocheckpoint(False)
 
     async def _close_data(self) -> None:
-        await self.aux_db.close()
-        await self.db.close()
+        # Side by side: each close waits for its connection threads (and the last one of a
+        # database checkpoints its WAL), and a restore's downtime includes this.
+        await asyncio.gather(self.aux_db.close(), self.db.close())
 
     async def start(self) -> None:
         """``open`` plus the background work of a serving process: log writer and scheduler."""

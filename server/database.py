@@ -136,9 +136,7 @@ class Database:
         return self._wal_fd
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
+        await asyncio.gather(*(conn.close() for conn in (self._reader, self._writer) if conn is not None))
         self._reader = self._writer = None
         if self._wal_fd is not None:
             os.close(self._wal_fd)

@@ -111,11 +111,30 @@ class _Server(uvicorn.Server):
         only then shut down as uvicorn does."""
         for server in self.servers:
             server.close()
+        for sock in sockets or []:
+            sock.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FIRST_REQUEST_GRACE
         while loop.time() < deadline and any(_unread_request(c) for c in list(self.server_state.connections)):
             await asyncio.sleep(0.005)
-        await super().shutdown(sockets)
+        # From here uvicorn's own shutdown (0.55), but polling every 5 ms where it sleeps 0.1 s
+        # (once unconditionally, then per poll): a restore's downtime is this wait, so it ends as
+        # soon as the last response is out, not up to 0.2 s later.
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        try:
+            async with asyncio.timeout(self.config.timeout_graceful_shutdown):
+                while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
+                    await asyncio.sleep(0.005)
+                for server in self.servers:
+                    await server.wait_closed()
+        except TimeoutError:
+            logging.getLogger("server").error("Cancel %s running task(s), timeout graceful shutdown exceeded",
+                                              len(self.server_state.tasks))
+            for task in self.server_state.tasks:
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
 
 
 # Seconds. The wait ends as soon as every such connection has its request read, so a restore pays

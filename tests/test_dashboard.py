@@ -295,6 +295,30 @@ def test_settings_forms_and_s3_test(env: Env, s3_server: S3Server) -> None:
     assert env.http.patch("/api/settings", headers=env.su, json={"backups": {"cron": ""}}).status_code == 200
 
 
+def test_encryption_recipients_and_an_encrypted_preview_with_the_identity(env: Env) -> None:
+    key_file = env.tmp / "dashboard-age.txt"
+    subprocess.run(["age-keygen", "-o", str(key_file)], check=True, capture_output=True)
+    secret = next(line for line in key_file.read_text().splitlines() if line.startswith("AGE-SECRET-KEY-1"))
+    public = subprocess.run(["age-keygen", "-y", str(key_file)], check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        out = env.browser.run("encryption", recipient=public)
+        assert out["invalid"] == "Recipient 1 is not an age public key (age1..., as age-keygen prints).", out
+        assert out["saved"] == "Saved." and out["shown"] == public, out  # trimmed, one per line
+        assert env.http.get("/api/settings", headers=env.su).json()["backups"]["encryption"]["recipients"] == [public]
+        env.backup("encrypted_source.zip")
+        assert (env.server.data_dir / "backups" / "encrypted_source.zip").read_bytes().startswith(b"age-encryption.org/v1")
+        env.add_note("added after the encrypted backup")
+        out = env.browser.run("encryptedPreview", key="encrypted_source.zip", collection="notes", identity=secret)
+        assert out["badge"] == "encrypted", out
+        assert "this backup is encrypted: an identity is required" in out["withoutIdentity"], out
+        assert out["result"].startswith("Dry run finished"), out
+        assert secret not in out["stored"], "the identity must stay in the page's memory"
+        assert "added after the encrypted backup" in env.titles()  # a dry run changed nothing
+    finally:
+        assert env.http.patch("/api/settings", headers=env.su,
+                              json={"backups": {"encryption": {"recipients": []}}}).status_code == 200
+
+
 def test_partial_restore_with_preview(env: Env) -> None:
     env.backup("partial_source.zip")
     changed = env.add_note("added after the backup")

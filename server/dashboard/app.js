@@ -749,6 +749,8 @@ async function loadSettings() {
     $("set-keep-weekly").value = b.retention.keepWeekly ?? 0;
     $("set-keep-monthly").value = b.retention.keepMonthly ?? 0;
   }
+  $("encryption").hidden = !b.encryption;
+  if (b.encryption) $("set-recipients").value = (b.encryption.recipients || []).join("\n");
   $("notify").hidden = !b.notify;
   if (b.notify) {
     $("set-webhook").value = b.notify.webhookURL || "";
@@ -796,6 +798,10 @@ async function saveSettings(event) {
       keepWeekly: number("set-keep-weekly", errors, "backups.retention.keepWeekly"),
       keepMonthly: number("set-keep-monthly", errors, "backups.retention.keepMonthly"),
     };
+  }
+  if (!$("encryption").hidden) {
+    const recipients = $("set-recipients").value.split("\n").map((line) => line.trim()).filter(Boolean);
+    backups.encryption = { recipients };
   }
   if (!$("notify").hidden) {
     backups.notify = {

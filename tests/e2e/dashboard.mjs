@@ -358,6 +358,39 @@ const scenarios = {
     return out;
   },
 
+  async encryption({ recipient }) {
+    await page.getByRole("link", { name: "Settings" }).click();
+    await page.locator("#encryption").waitFor({ state: "visible" });
+    const save = () => page.getByRole("button", { name: "Save settings" }).click();
+    const field = page.getByLabel(/Public keys/);
+    const out = {};
+    await field.fill("age1notakey");
+    await save();
+    out.invalid = await waitText('[data-error="backups.encryption.recipients"]', ".");
+    await field.fill(`\n  ${recipient}  \n`);
+    await save();
+    out.saved = await waitText("#settings-result", "Saved");
+    out.shown = await field.inputValue();
+    return out;
+  },
+
+  async encryptedPreview({ key, collection, identity }) {
+    await backupsView();
+    const out = { badge: await text(`#backups-body tr[data-key="${key}"] .badge.encrypted`) };
+    await page.getByRole("button", { name: `Restore ${key}` }).click();
+    await page.getByLabel("Only some collections (online, no restart)").check();
+    await page.locator("#restore-collections").getByLabel(collection, { exact: true }).check();
+    await page.getByRole("button", { name: "Preview (dry run)" }).click();
+    out.withoutIdentity = await waitText("#restore-error", ".", 60000);
+    await page.getByLabel(/^Identity/).fill(identity);
+    await page.getByRole("button", { name: "Preview (dry run)" }).click();
+    await page.locator('[data-testid="restore-summary"]').waitFor({ timeout: 60000 });
+    out.result = await text("#restore-result");
+    out.stored = await page.evaluate(() => JSON.stringify({ ...localStorage }) + JSON.stringify({ ...sessionStorage }) + location.href);
+    await page.getByRole("button", { name: "Close", exact: true }).click();
+    return out;
+  },
+
   async failedRestore({ key }) {
     return scenarios.restore({ key });
   },
