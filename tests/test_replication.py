@@ -411,6 +411,11 @@ def test_s3_replica_outage_and_sync_mode(tmp_path: Path, s3_server: S3Server) ->
             "name": "nums", "type": "base", "fields": [{"name": "n", "type": "number"}]}).status_code == 200
         write(api, su, range(1, 41))
         wait_synced(api, su)
+        # Idle costs nothing: no S3 request but the sync of each status read's own request log.
+        time.sleep(1.0)
+        before = replication(api, su)["requests"]
+        time.sleep(2.5)
+        assert replication(api, su)["requests"] - before <= 2
         assert api.http.get("/api/backups", headers=su).json() == []  # under replica/, not a backup
         assert s3_server.objects(bucket) and all(key.startswith("replica/") for key in s3_server.objects(bucket))
         s3_server.stop()
