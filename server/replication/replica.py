@@ -115,6 +115,7 @@ class Replicator:
         self._stop = asyncio.Event()
         self._round_estimate = 0.0  # seconds a round takes (a moving average)
         self._lineage_started = 0.0
+        self._snapshot_txids: list[int] = []  # each database's TXID at the last snapshot
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -318,7 +319,10 @@ class Replicator:
             reason, self._new_lineage = self._new_lineage, None
             await self._begin_lineage(reason)
         elif time.time() - self._last_snapshot > snapshot_seconds(self.app):
-            await self._snapshot()
+            if [r.txid for r in self.replicas] != self._snapshot_txids:
+                await self._snapshot()
+            else:  # nothing written since the last one: an idle database costs nothing
+                self._last_snapshot = time.time()
         seq = self._write_seq
         for replica in self.replicas:
             if replica.first_write is not None or replica.wal_size() > CHECKPOINT_BYTES:
@@ -363,6 +367,7 @@ class Replicator:
         for replica in self.replicas:
             self._queue += await replica.snapshot(self.lineage, new=True)
         self._last_snapshot = time.time()
+        self._snapshot_txids = [r.txid for r in self.replicas]
         await asyncio.to_thread(self._write_state)
         logger.info("replication: lineage %s begun (%s)", self.lineage, reason)
         self.app.logs.info("Replication lineage begun", lineage=self.lineage, reason=reason)
@@ -389,6 +394,7 @@ class Replicator:
         for replica in self.replicas:
             self._queue += await replica.snapshot(lineage, new=False, start_txid=last[replica.name] + 1)
         self._last_snapshot = time.time()
+        self._snapshot_txids = [r.txid for r in self.replicas]
         logger.info("replication: lineage %s goes on after a restart", lineage)
         self.app.logs.info("Replication lineage resumed", lineage=lineage)
         return True
@@ -397,6 +403,7 @@ class Replicator:
         for replica in self.replicas:
             self._queue += await replica.snapshot(self.lineage, new=False)
         self._last_snapshot = time.time()
+        self._snapshot_txids = [r.txid for r in self.replicas]
 
     def _drop_queue(self) -> None:
         for staged in self._queue:
