@@ -76,7 +76,10 @@ def write(api: Api, su: dict[str, str], numbers: range) -> list[tuple[int, float
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("repl")
-    server = start_server(tmp)
+    run_cli("superuser", "upsert", SUPERUSER_EMAIL, SUPERUSER_PASSWORD, data_dir=tmp / "pb_data")
+    # Level-0 files compacted every second (5 minutes by default): the restores below read both.
+    server = ServerProcess(tmp / "pb_data", env={"PB_REPLICA_COMPACT_SECONDS": "1"})
+    server.start()
     api = Api(server)
     su = auth(api.superuser_token())
     replica = tmp / "replica"
@@ -125,6 +128,7 @@ def test_settings_status_and_refusals(env: Any) -> None:
     for db in ("data.db", "auxiliary.db"):
         assert list((lineage / db / "ltx" / "9").glob("*.ltx")), db
     assert len(list((lineage / "data.db" / "ltx" / "0").glob("*.ltx"))) >= 3
+    assert list((lineage / "data.db" / "ltx" / "1").glob("*.ltx"))  # compactions
 
 
 def test_point_in_time_with_our_cli_and_litestream(env: Any) -> None:
@@ -159,8 +163,8 @@ def test_a_restart_goes_on_with_the_lineage(env: Any) -> None:
     env["rows_now"] += list(more)
     # A backup meanwhile: its snapshot checkpoints the WAL, after the replicator has read it.
     assert api.http.post("/api/backups", headers=su, json={}).status_code == 204
-    wait_for(lambda: (api.http.get("/api/backups/status", headers=su).json()["last"] or {}).get("op") == "create",
-             "the backup")
+    wait_for(lambda: (lambda st: st["active"] is None and (st["last"] or {}).get("op") == "create")(
+        api.http.get("/api/backups/status", headers=su).json()), "the backup")
     more = range(env["written"] + 12, env["written"] + 22)
     write(api, su, more)
     env["rows_now"] += list(more)
@@ -202,7 +206,8 @@ def test_restores_through_the_api_start_new_lineages(env: Any) -> None:
     before = replication(api, su)["lineage"]
     # A dry run changes nothing and says what would.
     since = stamp(time.time())
-    assert api.http.post(url, headers=su, json={"at": stamp(marks[0][0]), "dryRun": True}).status_code == 204
+    response = api.http.post(url, headers=su, json={"at": stamp(marks[0][0]), "dryRun": True})
+    assert response.status_code == 204, response.text
     last = _wait_job(api, su, since)
     assert last["ok"], last
     assert rows_of(server.data_dir / "data.db") == env["rows_now"]
@@ -218,7 +223,8 @@ def test_restores_through_the_api_start_new_lineages(env: Any) -> None:
     assert partial_lineage > before
     # The full restore of the first moment: verified, swapped in, the process re-executed.
     since = stamp(time.time())
-    assert api.http.post(url, headers=su, json={"at": stamp(marks[0][0])}).status_code == 204
+    response = api.http.post(url, headers=su, json={"at": stamp(marks[0][0])})
+    assert response.status_code == 204, response.text
     last = _wait_job(api, su, since)
     assert last["ok"], last
     assert rows_of(server.data_dir / "data.db") == marks[0][1]

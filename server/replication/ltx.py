@@ -201,3 +201,29 @@ def decode(handle: BinaryIO) -> Iterator[tuple[int, bytes] | Decoded]:
     if FLAG | hashed != file_checksum:
         raise LTXError("LTX file checksum mismatch")
     yield Decoded(header, post_apply)
+
+
+def compact(inputs: list[str], out: BinaryIO) -> Header:
+    """One file for the consecutive files ``inputs`` (TXIDs following each other): the last
+    version of each page, the database size and checksum after the last one, its timestamp.
+    Holds the distinct pages in memory (what changed in the span)."""
+    pages: dict[int, bytes] = {}
+    headers: list[Header] = []
+    for path in inputs:
+        with open(path, "rb") as handle:
+            for item in decode(handle):
+                if isinstance(item, Decoded):
+                    if headers and item.header.min_txid != headers[-1].max_txid + 1:
+                        raise LTXError("the files to compact do not follow each other")
+                    headers.append(item.header)
+                else:
+                    pages[item[0]] = item[1]
+    first, last = headers[0], headers[-1]
+    header = Header(last.page_size, last.commit, first.min_txid, last.max_txid, last.timestamp,
+                    first.pre_apply, last.post_apply)
+    encoder = Encoder(out, header)
+    for pgno in sorted(pages):
+        if pgno <= last.commit:
+            encoder.page(pgno, pages[pgno])
+    encoder.finish()
+    return header

@@ -35,6 +35,7 @@ from ..backups import crypto
 from ..logs import WARN
 from ..tools.security import random_string
 from . import restore as replica_restore
+from . import ltx
 from .client import FileClient, ReplicaClient, S3Client
 from .db import CHECKPOINT_BYTES, DBReplica, Staged
 
@@ -47,6 +48,10 @@ S3_PREFIX = "replica/"
 # checked every second), PB_REPLICA_SNAPSHOT_SECONDS (below).
 MAX_STAGED_BYTES = int(os.environ.get("PB_REPLICA_MAX_STAGED_BYTES") or 256 << 20)
 RETENTION_SECONDS_ENV = "PB_REPLICA_RETENTION_SECONDS"
+# Level-0 files (one per sync) are compacted into one level-1 file every this many seconds, so that
+# a restore reads at most a day of level-1 files and 5 minutes of level-0 ones after a snapshot
+# (PB_REPLICA_COMPACT_SECONDS: a test hook).
+COMPACT_SECONDS = float(os.environ.get("PB_REPLICA_COMPACT_SECONDS") or 300)
 RETENTION_CHECK_SECONDS = 1.0 if os.environ.get(RETENTION_SECONDS_ENV) else 3600.0
 SYNC_WAIT_SECONDS = 30.0  # sync mode: a write waits at most this long for the replica
 
@@ -116,6 +121,10 @@ class Replicator:
         self._round_estimate = 0.0  # seconds a round takes (a moving average)
         self._lineage_started = 0.0
         self._snapshot_txids: list[int] = []  # each database's TXID at the last snapshot
+        # Uploaded level-0 files kept on the local disk until they are compacted: per database,
+        # [(path, min TXID, max TXID)] of the current lineage.
+        self._compactable: dict[str, list[tuple[Path, int, int]]] = {}
+        self._last_compaction = time.time()
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -343,6 +352,8 @@ class Replicator:
             if sum(s.size for s in self._queue) > MAX_STAGED_BYTES:
                 self._overflow()
             return
+        if time.time() - self._last_compaction > COMPACT_SECONDS and self._compactable:
+            await self._compact()
         await self._upload()
         if time.time() - self._last_retention > RETENTION_CHECK_SECONDS:
             await self._retention()
@@ -409,6 +420,7 @@ class Replicator:
         for staged in self._queue:
             staged.path.unlink(missing_ok=True)
         self._queue.clear()
+        self._drop_compactable()
 
     async def _upload(self) -> None:
         assert self.client is not None
@@ -429,16 +441,59 @@ class Replicator:
                 if sum(s.size for s in self._queue) > MAX_STAGED_BYTES:
                     self._overflow()
                 raise
+            self._queue.pop(0)
             if "/ltx/0/" in staged.key:
                 faults.point("replica-uploaded")
-            self._queue.pop(0)
-            staged.path.unlink(missing_ok=True)
+                self._keep_for_compaction(staged)
+            else:
+                staged.path.unlink(missing_ok=True)
             self.bytes += staged.size
             self.window_to = staged.timestamp / 1000
             if self.window_from is None:
                 self.window_from = self.window_to
             self.last_error = None
         self._release_waiters(self._captured_seq)
+
+    def _keep_for_compaction(self, staged: Staged) -> None:
+        lineage, db, _, _, name = staged.key.split("/")
+        span = ltx.parse_filename(name)
+        if lineage != self.lineage or span is None:
+            staged.path.unlink(missing_ok=True)
+            return
+        kept = self.staging / "compact"
+        kept.mkdir(exist_ok=True)
+        target = kept / f"{db}_{name}"
+        os.replace(staged.path, target)
+        self._compactable.setdefault(db, []).append((target, span[0], span[1]))
+
+    def _drop_compactable(self) -> None:
+        for files in self._compactable.values():
+            for path, _, _ in files:
+                path.unlink(missing_ok=True)
+        self._compactable.clear()
+
+    async def _compact(self) -> None:
+        """The level-0 files of each database since the last compaction, as one level-1 file
+        (uploaded with the next files; the level-0 ones stay in the replica until retention)."""
+        self._last_compaction = time.time()
+        for db, files in list(self._compactable.items()):
+            run: list[tuple[Path, int, int]] = []
+            for item in files:  # the consecutive files that end with the newest
+                run = run + [item] if run and item[1] == run[-1][2] + 1 else [item]
+            if len(run) >= 2:
+                name = ltx.filename(run[0][1], run[-1][2])
+                path = self.staging / f"{time.time_ns():020d}_compact_{db}_{name}"
+
+                def write() -> ltx.Header:
+                    with open(path, "wb") as out:
+                        return ltx.compact([str(p) for p, _, _ in run], out)
+
+                header = await asyncio.to_thread(write)
+                self._queue.append(Staged(path, f"{self.lineage}/{db}/ltx/1/{name}", header.timestamp,
+                                          path.stat().st_size, None))
+            for path, _, _ in files:
+                path.unlink(missing_ok=True)
+            del self._compactable[db]
 
     def _overflow(self) -> None:
         """The replica stayed away past the bound of waiting files: they go, and a new lineage

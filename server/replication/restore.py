@@ -82,8 +82,9 @@ class Layout:
         return sorted(found, key=lambda e: (e.max_txid, e.file.modified))
 
     def incrementals(self, lineage: str, db: str) -> list[Entry]:
-        return sorted((e for e in self.entries.get(lineage, {}).get(db, []) if e.level == 0),
-                      key=lambda e: e.min_txid)
+        """Level 0 (one file per sync) and the compactions (levels 1-8: one file for many TXIDs)."""
+        return sorted((e for e in self.entries.get(lineage, {}).get(db, []) if 0 <= e.level < 9),
+                      key=lambda e: (e.min_txid, -e.max_txid))
 
     def first_time(self, lineage: str) -> float | None:
         snaps = self.snapshots(lineage, "data.db")
@@ -135,16 +136,23 @@ def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at:
             checksum, page_size, last_ts = _apply(client, chosen, out, None, work, identities)
             txid = chosen.max_txid
             applied = 1
+            following: dict[int, list[Entry]] = {}
             for entry in layout.incrementals(lineage, db):
-                if entry.min_txid <= txid:
-                    continue
-                if entry.min_txid != txid + 1:
-                    break  # a gap: the state before it is the latest consistent one
-                if at is not None and entry.file.modified > at + SLACK:
-                    break
-                header = _header(client, entry, work, header_cache, identities)
-                if at_ms is not None and header.timestamp > at_ms:
-                    break
+                following.setdefault(entry.min_txid, []).append(entry)  # the longest span first
+            while True:
+                # The file that starts right after the state reached and goes furthest while it is
+                # not after the moment (a compaction, else the level-0 file): no file is skipped,
+                # so each one's checksum before must be the one the state ended on.
+                entry = None
+                for candidate in following.get(txid + 1, []):
+                    if at is not None and candidate.file.modified > at + SLACK:
+                        continue
+                    header = _header(client, candidate, work, header_cache, identities)
+                    if at_ms is None or header.timestamp <= at_ms:
+                        entry = candidate
+                        break
+                if entry is None:
+                    break  # the moment is reached, or a gap: the state before it is the latest one
                 if header.pre_apply != checksum:
                     raise ReplicaRestoreError(f"{db}: the replica's files do not follow each other (TXID {entry.min_txid})")
                 checksum, page_size, last_ts = _apply(client, entry, out, page_size, work, identities)
