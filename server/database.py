@@ -252,7 +252,7 @@ class Database:
             while self._reading:
                 await asyncio.sleep(0.001)
             if replica is not None:
-                replica.close()  # its connection too, so that the old WAL goes with the old file
+                await replica.quiesce()  # its connections too, so that the old WAL goes with the old file
             await self.close()
             try:
                 await asyncio.to_thread(replace)

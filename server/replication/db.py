@@ -81,6 +81,11 @@ class DBReplica:
         self.first_write: float | None = None  # the oldest write not captured yet
         self.ready = False  # a snapshot of the lineage is staged: captures may go on
         self._seq = 0
+        # Work that holds a connection of ours outside the write lock (a checkpoint's first phases,
+        # a snapshot's encoding): a file swap waits for it (``quiesce``). ``generation`` changes
+        # with each swap: what began before it does not set ``ready`` again.
+        self.busy = 0
+        self.generation = 0
 
     # --- positions ------------------------------------------------------------------------
 
@@ -92,6 +97,14 @@ class DBReplica:
         if self._ckpt is None:
             self._ckpt = sqlite3.connect(self.db.path, timeout=0.05, isolation_level=None, check_same_thread=False)
         return self._ckpt
+
+    async def quiesce(self) -> None:
+        """Before a swap of the file: no read of it any more, no connection of ours left open."""
+        self.ready = False
+        self.generation += 1
+        while self.busy:
+            await asyncio.sleep(0.005)
+        self.close()
 
     def close(self) -> None:
         for conn in (self._ckpt, self._pin_conn):
@@ -167,17 +180,19 @@ class DBReplica:
            TRUNCATE checkpoint copies what was written meanwhile and empties the WAL."""
         if not self.ready:
             return
-        pinned = await asyncio.to_thread(self._pin_reader)
+        self.busy += 1
         try:
+            pinned = await asyncio.to_thread(self._pin_reader)
             if pinned:
                 await asyncio.to_thread(self._passive)
                 faults.point("replica-checkpointing")
         finally:
-            async with self.db.write_locked():
-                await asyncio.to_thread(self.capture)
-                await asyncio.to_thread(self._unpin_reader)
-                if self.ready:
-                    await asyncio.to_thread(self.checkpoint)
+            self.busy -= 1
+        async with self.db.write_locked():
+            await asyncio.to_thread(self.capture)
+            await asyncio.to_thread(self._unpin_reader)
+            if self.ready:
+                await asyncio.to_thread(self.checkpoint)
 
     def _reader(self) -> sqlite3.Connection:
         if self._pin_conn is None:
@@ -262,6 +277,7 @@ class DBReplica:
         """A snapshot (level 9, TXIDs 1..N) of the database now: of a new lineage (N = 1), of the
         current one at its last TXID, or (``start_txid``) of a lineage resumed after a restart at
         that TXID. Returns what it staged (the last captures, then the snapshot)."""
+        generation = self.generation
         if start_txid is not None:
             self._captured.clear()
             self.ready = False
@@ -272,6 +288,10 @@ class DBReplica:
         try:
             for attempt in range(200):
                 async with self.db.write_locked():
+                    if self.generation != generation:
+                        # The file was swapped since ``conn`` was opened: it is the old file's, and
+                        # must not touch the new one's WAL (same name).
+                        raise RuntimeError(f"{self.name}: the file was swapped during the snapshot")
                     if not new and start_txid is None:
                         await asyncio.to_thread(self.capture)
                     pinned = await asyncio.to_thread(self._pin, conn)
@@ -291,11 +311,19 @@ class DBReplica:
             if new:
                 self._captured.clear()
                 self.lineage, self.txid = lineage, 1
-            staged.append(await asyncio.to_thread(self._encode_snapshot, page_size, pages,
-                                                  not new and start_txid is None))
+            self.busy += 1  # (the read transaction on the pinned file lasts the encoding)
+            try:
+                staged.append(await asyncio.to_thread(self._encode_snapshot, page_size, pages,
+                                                      not new and start_txid is None))
+            finally:
+                await asyncio.to_thread(conn.close)
+                self.busy -= 1
         finally:
-            await asyncio.to_thread(conn.close)
-            self.ready = True
+            await asyncio.to_thread(conn.close)  # (again: harmless)
+            if self.generation == generation:
+                self.ready = True
+        if self.generation != generation:
+            raise RuntimeError(f"{self.name}: the file was swapped during the snapshot")
         return staged
 
     def _pin(self, conn: sqlite3.Connection) -> tuple[int, int] | None:

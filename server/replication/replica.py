@@ -81,9 +81,8 @@ class _Hook:
     def before_checkpoint(self) -> bool:
         return self.replica.before_checkpoint()
 
-    def close(self) -> None:
-        self.replica.ready = False  # (a file swap: no more reads of it until the new lineage)
-        self.replica.close()
+    async def quiesce(self) -> None:
+        await self.replica.quiesce()  # (a file swap: no more reads of it until the new lineage)
 
     def replaced(self) -> None:
         self.replica.ready = False  # nothing of the new file goes into the old lineage
