@@ -15,7 +15,7 @@ PY     := $(VENV)/bin/python
 HTTP   ?= 127.0.0.1:8090
 DIR    ?= ./pb_data
 
-.PHONY: run test soak bench bench-s3 bench-api bench-catalog bench-encryption wrk chromium age install install-test clean
+.PHONY: run test soak bench bench-s3 bench-api bench-catalog bench-encryption bench-replication wrk chromium age install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ bench-catalog: $(VENV)/.installed-test
 # Encrypted backups and restores against plain ones (issue 17), the same server and data.
 bench-encryption: $(VENV)/.installed-test
 	$(PY) -m bench.encryption --runs $(BENCH_RUNS) $(BENCH_ARGS)
+
+# `make bench-replication`: replication on/off/sync vs Litestream beside us (bench/replication.py).
+bench-replication: $(VENV)/.installed-test
+	$(PY) -m bench.replication $(BENCH_ARGS)
 
 bench-s3: $(VENV)/.installed-test
 	$(PY) -m bench.s3_memory $(BENCH_ARGS)

@@ -23,6 +23,7 @@ from .database import Database
 from .datadir import DataDir
 from .logs import LogWriter
 from .records import RecordService
+from .replication.replica import Replicator
 from .settings import Settings
 
 logger = logging.getLogger("server")
@@ -51,10 +52,13 @@ class App:
         self.collections = CollectionStore(self.db, self.datadir)
         self.records = RecordService(self.db, self.collections, self.datadir)
         self.settings = Settings(self.db)
+        self.settings.data_root = self.datadir.root
         self.logs = LogWriter(self.aux_db)
         self.scheduler = scheduler or Scheduler.from_env()
         self.backups = BackupManager(self.datadir, self.db, self.aux_db, self.settings, self.logs)
         self.backups.collections = self.collections  # (partial restores)
+        self.replication = Replicator(self)  # (issue 16; started by ``start`` when enabled)
+        self.backups.replication = self.replication
         self._started = False
         self._serving = False  # set by start(): a serving process
         self._stale_watch: asyncio.Task[None] | None = None
@@ -127,6 +131,11 @@ class App:
         await self.aux_db.open()
         await self.collections.bootstrap()
         await self.settings.load()
+        if self.settings.data["backups"]["replication"]["enabled"]:
+            # Checkpoints belong to the replicator of the server (issue 16): this process (the CLI
+            # beside a running server) must never checkpoint frames the server has not read.
+            for database in (self.db, self.aux_db):
+                await database.set_autocheckpoint(False)
 
     async def _close_data(self) -> None:
         # Side by side: each close waits for its connection threads (and the last one of a
@@ -143,12 +152,18 @@ class App:
         self._register_system_jobs()
         self._schedule_backups()
         self.settings.on_change(lambda _settings: self._schedule_backups())
+        self.settings.on_change(lambda _settings: self.replication.apply_settings())
         self.scheduler.on_error = lambda job_id, exc: self.logs.error(f"Cron job {job_id} failed", error=str(exc))
         self.scheduler.start()
         self._started = True
         # The data a restore replaced becomes a backup now that the restored data is served.
         self.backups.start_preserving()
         self._stale_watch = asyncio.create_task(self._watch_stale(), name="backup-stale-watch")
+        try:
+            await self.replication.apply_settings(boot=True)
+        except Exception as exc:  # never stops the server from serving: shown in the status
+            logger.exception("replication could not start")
+            self.replication.last_error = describe_error(exc)
 
     async def close(self) -> None:
         if self._started:
@@ -161,6 +176,8 @@ class App:
             await self.backups.notifier.close()
             await self.scheduler.stop()
             await self.logs.stop()
+            # Last: the final log lines are writes too; the last sync ships them.
+            await self.replication.stop(final_sync=True)
             self.backups.lock.release_server()
             self._started = False
         await self._close_data()
@@ -197,7 +214,7 @@ class App:
         async def db_optimize() -> None:
             for database in (self.db, self.aux_db):
                 await database.execute("PRAGMA optimize")
-                await database.scalar("PRAGMA wal_checkpoint(TRUNCATE)")
+                await database.checkpoint()
 
         self.scheduler.add("__pbLogsCleanup__", "0 */6 * * *", logs_cleanup)
         self.scheduler.add("__pbDBOptimize__", "0 0 * * *", db_optimize)

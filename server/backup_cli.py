@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import replica_cli
 from .app import App, opened
 from .backups import archive, crypto, partial, restore
 from .backups.manager import AUTO_PREFIX, BUSY_MESSAGE, Busy, BackupManager, RestoreReady, describe_error
@@ -393,6 +394,7 @@ def add_parser(commands: Any, default_dir: str) -> None:
                                      "newer ones kept) or replace (the collections exactly as in the backup)")
             action.add_argument("--dry-run", action="store_true", help="change nothing; print what would change")
             action.add_argument("--json", action="store_true", help="print the summary as JSON")
+    replica_cli.add_parser(actions)
     prune = actions.add_parser("prune", parents=[common], help="delete all but the newest scheduled backups")
     prune.add_argument("--keep", type=int, required=True, metavar="N", help="how many to keep (0: delete all)")
     prune.add_argument("--all", action="store_true", help="consider every backup, not only the scheduled ones")
@@ -405,6 +407,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("server").setLevel(logging.CRITICAL)  # (its errors are the "Error:" line)
     logging.getLogger("server.storage").setLevel(logging.WARNING)
+    if args.action == "replica":
+        return replica_cli.run(args)
     progress = Progress()
     if getattr(args, "keep", 0) is not None and getattr(args, "keep", 0) < 0:
         print("--keep must be 0 or more", file=sys.stderr)

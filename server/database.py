@@ -92,6 +92,11 @@ class LiveFile(io.RawIOBase):
 class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Set by the replicator (``server.replication``) while replication is on: checkpoints are
+        # its own then (autocheckpoint off), and every checkpoint lets it read the WAL first.
+        self.replica: Any = None
+        self._wal_fd: int | None = None
+        self._wal_ino: int | None = None
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -105,10 +110,37 @@ class Database:
     async def open(self) -> None:
         self._writer = await _connect(self.path)
         self._reader = await _connect(self.path)
+        if self.replica is not None:
+            await self.set_autocheckpoint(False)
+
+    async def set_autocheckpoint(self, on: bool) -> None:
+        """SQLite's automatic checkpoints of our connections (off while replication owns them)."""
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                await conn.execute(f"PRAGMA wal_autocheckpoint = {1000 if on else 0}")
+
+    def wal_fd(self) -> int | None:
+        """A descriptor of the WAL file, kept open while the database is (``close`` closes it);
+        reopened if the file was replaced. None while there is no WAL file."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            ino = os.stat(wal).st_ino
+        except FileNotFoundError:
+            return None
+        if self._wal_fd is not None and self._wal_ino == ino:
+            return self._wal_fd
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)  # the WAL is not locked by SQLite (its -shm and main file are)
+        self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        self._wal_ino = os.fstat(self._wal_fd).st_ino
+        return self._wal_fd
 
     async def close(self) -> None:
         await asyncio.gather(*(conn.close() for conn in (self._reader, self._writer) if conn is not None))
         self._reader = self._writer = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = self._wal_ino = None
         if self._file_fd is not None:  # only now: SQLite holds no lock on the file any more
             os.close(self._file_fd)
             self._file_fd = None
@@ -138,13 +170,40 @@ class Database:
                 await self._writer.execute("ROLLBACK")
                 raise
             await self._writer.execute("COMMIT")
+        await self._wrote()
+
+    async def _wrote(self) -> None:
+        """After a write: the replicator is told (and in its sync mode, the write waits for the
+        replica to hold it)."""
+        if self.replica is not None:
+            waiting = self.replica.wrote()
+            if waiting is not None:
+                await waiting
+
+    async def checkpoint(self) -> None:
+        """A TRUNCATE checkpoint of the WAL, under the write lock (the replicator reads it first)."""
+        assert self._writer is not None, "database is not open"
+        async with self._write_lock:
+            if self.replica is not None and not await asyncio.to_thread(self.replica.before_checkpoint):
+                return
+            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    @asynccontextmanager
+    async def write_locked(self) -> AsyncIterator[None]:
+        """The write lock, for the replicator's reads of the WAL (no write is reported)."""
+        async with self._write_lock:
+            yield
 
     @asynccontextmanager
     async def writes_paused(self) -> AsyncIterator[None]:
         """This process's writers wait while the context lasts (another connection writes a short
         batch meanwhile: a partial restore). Fair: writers queued before go first."""
-        async with self._write_lock:
-            yield
+        try:
+            async with self._write_lock:
+                yield
+        finally:
+            if self.replica is not None:
+                self.replica.wrote()
 
     async def execute(self, sql: str, params: Params = ()) -> int:
         """One statement, atomic on its own (SQLite's autocommit), behind the write lock.
@@ -157,7 +216,8 @@ class Database:
             cursor = await self._writer.execute(sql, params)
             rowcount = cursor.rowcount
             await cursor.close()
-            return rowcount
+        await self._wrote()
+        return rowcount
 
     async def execute_returning(self, sql: str, params: Params = (),
                                 check: Callable[[], None] | None = None) -> list[sqlite3.Row]:
@@ -168,7 +228,9 @@ class Database:
         async with self._write_lock:
             if check is not None:
                 check()
-            return list(await self._writer.execute_fetchall(sql, params))
+            rows = list(await self._writer.execute_fetchall(sql, params))
+        await self._wrote()
+        return rows
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         if not self._reads_open.is_set():
@@ -185,9 +247,12 @@ class Database:
         ``path``), and open again, on the old file if ``replace`` raised. The caller holds
         ``writes_paused``; reads wait meanwhile (a partial restore's switch, milliseconds)."""
         self._reads_open.clear()
+        replica = self.replica
         try:
             while self._reading:
                 await asyncio.sleep(0.001)
+            if replica is not None:
+                await replica.quiesce()  # its connections too, so that the old WAL goes with the old file
             await self.close()
             try:
                 await asyncio.to_thread(replace)
@@ -195,6 +260,8 @@ class Database:
                 await self.open()
         finally:
             self._reads_open.set()
+            if replica is not None:
+                replica.replaced()  # another database: a new lineage
 
     async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)
@@ -223,10 +290,14 @@ class Database:
             pinned = False
             for _ in range(_PIN_ATTEMPTS):
                 # Copy most of the WAL into the main file first, with writers running, so that the
-                # checkpoint done while they wait has only the last few frames left to copy.
-                await asyncio.to_thread(_passive_checkpoint, conn)
+                # checkpoint done while they wait has only the last few frames left to copy (not
+                # while replicating: a frame must never be checkpointed before it was read).
+                if self.replica is None:
+                    await asyncio.to_thread(_passive_checkpoint, conn)
                 async with self._write_lock:
-                    pinned = await asyncio.to_thread(_pin_main_file, conn, self.path)
+                    pinned = False
+                    if self.replica is None or await asyncio.to_thread(self.replica.before_checkpoint):
+                        pinned = await asyncio.to_thread(_pin_main_file, conn, self.path)
                 if pinned:
                     break
                 await asyncio.sleep(0.05)

@@ -48,11 +48,19 @@ DEFAULTS: dict[str, Any] = {
         # keys ("age1..."); the passphrase (age's scrypt mode) is write-only, and refused for now
         # (see docs/pocketbase-differences.md).
         "encryption": {"recipients": [], "passphrase": ""},
+        # ours (issue 16): data.db and auxiliary.db shipped continuously (server.replication), to
+        # the local directory ``path`` when set, else the backup storage (S3 under replica/, or
+        # pb_data/backups/replica); syncInterval in ms (0: a write waits for the replica),
+        # retention and snapshotInterval in hours.
+        "replication": {"enabled": False, "syncInterval": 1000, "retention": 72, "snapshotInterval": 24,
+                        "path": ""},
     },
     "trustedProxy": {"headers": [], "useLeftmostIP": False},
 }
 _SECRETS = (("backups", "s3", "secret"), ("backups", "encryption", "passphrase"))
 MAX_KEEP = 100_000
+MAX_SYNC_INTERVAL_MS = 3_600_000
+MAX_REPLICA_HOURS = 24 * 3660
 MAX_STALE_HOURS = 24 * 366
 
 
@@ -83,6 +91,7 @@ class Settings:
         self._db = db
         self.data: dict[str, Any] = copy.deepcopy(DEFAULTS)
         self._listeners: list[Any] = []
+        self.data_root: Any = None  # pb_data (set by the App): a replica's path must be outside it
 
     def on_change(self, callback: Any) -> None:
         """``callback(settings)`` (sync or async) runs after each successful save."""
@@ -112,6 +121,14 @@ class Settings:
         candidate = copy.deepcopy(self.data)
         _merge(candidate, patch, DEFAULTS)
         errors = validate(candidate)
+        path = None if errors else candidate["backups"]["replication"]["path"]
+        if path and self.data_root is not None:
+            from pathlib import Path
+
+            resolved = Path(path).resolve()
+            if resolved == Path(self.data_root) or Path(self.data_root) in resolved.parents:
+                errors = {"backups": {"replication": {"path": field_error(
+                    "validation_invalid_value", "Must be a directory outside the data directory (pb_data).")}}}
         if errors:
             raise ValidationError(errors, "An error occurred while saving the new settings.")
         stamp = now()
@@ -221,6 +238,19 @@ def validate(data: dict[str, Any]) -> dict[str, Any]:
                 "Passphrase encryption is not available yet (the age library in use encrypts a passphrase "
                 "file in memory only, and a backup is never held in memory): use recipients, e.g. the "
                 "public key age-keygen prints.", sub="encryption")
+    replication = backups["replication"]
+    if check_types("backups", replication, DEFAULTS["backups"]["replication"], sub="replication"):
+        def bounded(key: str, low: int, high: int) -> None:
+            value = replication[key]
+            if isinstance(value, int) and not isinstance(value, bool) and not low <= value <= high:
+                put("backups", key, "validation_out_of_range", f"Must be between {low} and {high}.", sub="replication")
+
+        bounded("syncInterval", 0, MAX_SYNC_INTERVAL_MS)
+        bounded("retention", 1, MAX_REPLICA_HOURS)
+        bounded("snapshotInterval", 1, MAX_REPLICA_HOURS)
+        path = replication["path"]
+        if isinstance(path, str) and path and (not path.startswith("/") or "\x00" in path):
+            put("backups", "path", "validation_invalid_value", "Must be an absolute path.", sub="replication")
     proxy = data["trustedProxy"]
     if not all(isinstance(h, str) and h for h in proxy["headers"]):
         put("trustedProxy", "headers", "validation_invalid_value", "Must be a list of header names.")

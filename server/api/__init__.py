@@ -51,6 +51,8 @@ def routes() -> list[BaseRoute]:
         Route("/api/backups", backups.list_backups, methods=["GET"]),
         Route("/api/backups", backups.create_backup, methods=["POST"]),
         Route("/api/backups/status", backups.status, methods=["GET"]),
+        Route("/api/backups/replication", backups.replication_status, methods=["GET"]),
+        Route("/api/backups/replication/restore", backups.replication_restore, methods=["POST"]),
         Route("/api/backups/upload", backups.upload_backup, methods=["POST"]),
         Route("/api/backups/prune", backups.prune, methods=["POST"]),
         Route("/api/backups/notify/test", backups.notify_test, methods=["POST"]),

@@ -14,7 +14,7 @@ from ..backups.partial import parse_body as parse_restore_body
 from ..records import Requester
 from ..errors import BadRequest, Forbidden, NotFound, ValidationError, field_error
 from ..tools.multipart import MultipartError, file_part
-from ..tools.times import format_datetime
+from ..tools.times import format_datetime, parse_datetime
 from .files import FILE_HEADERS
 from .common import get_app, json_response, no_content, read_json, require_superuser
 from .limits import BODY_LIMIT_KEY
@@ -177,4 +177,27 @@ async def restore_backup(request: Request) -> Response:
     body = await read_json(request)
     restore, identities = parse_restore_body(body)  # (an identity alone: still the full restore)
     await get_app(request).backups.start_restore(request.path_params["key"], restore, identities)
+    return no_content()
+
+
+async def replication_status(request: Request) -> Response:
+    await require_superuser(request)
+    return json_response(get_app(request).replication.status())
+
+
+async def replication_restore(request: Request) -> Response:
+    """ours (issue 16): ``{"at", "collections"?, "mode"?, "dryRun"?}``: that moment from the replica,
+    restored as a backup is (full with its re-exec, partial, or a dry run)."""
+    await require_superuser(request)
+    body = await read_json(request)
+    raw_at = body.get("at")
+    if raw_at is None or raw_at == "":
+        raise ValidationError({"at": field_error("validation_required", "Cannot be blank.")})
+    at = parse_datetime(raw_at) if isinstance(raw_at, str) else None
+    if at is None:
+        raise ValidationError({"at": field_error("validation_invalid_datetime",
+                                                 "Must be a datetime (YYYY-MM-DD HH:MM:SS.mmmZ or ISO 8601).")})
+    rest = {k: v for k, v in body.items() if k != "at"}
+    restore, identities = parse_restore_body(rest)
+    await get_app(request).backups.start_replica_restore(at, restore, identities)
     return no_content()

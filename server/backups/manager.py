@@ -143,6 +143,8 @@ class Job:
     # What a job that wrote a backup knows of its encryption (create, safety copy, upload): for
     # the catalog's ``info`` (``encrypted``, the recipients' fingerprints).
     encryption: crypto.EncryptionFacts | None = None
+    # A restore from the replica (issue 16): the backup-like zip of that moment, made by the job.
+    local_zip: Path | None = None
 
     def advance(self, count: int) -> None:
         self.bytes_done += count  # from a worker thread; a plain int update is safe enough here
@@ -183,6 +185,7 @@ class BackupManager:
         self.on_restore_ready: Callable[[RestoreReady], Awaitable[None]] | None = None
         # Set by the App: a partial restore rewrites collections and reloads their definitions.
         self.collections: CollectionStore | None = None
+        self.replication: Any = None  # the App's replicator (issue 16)
         # Pins, the makers of uploads and the last successes, kept with the backups (issue 15).
         self.catalog = CatalogFile()
         self.backup_stale = False  # no backup succeeded for staleAfterHours (health; set by stats)
@@ -275,6 +278,9 @@ class BackupManager:
         if job.op == "restore" and (job.request is None or not job.request.dry_run):
             if error is None:
                 asyncio.ensure_future(self._remember_success(job))
+                if job.request is not None and self.replication is not None and self.replication.enabled:
+                    # The replica never mixes the states of before and after a restore (issue 16).
+                    self.replication.request_lineage("a partial restore", job.started_at.timestamp())
             elif not isinstance(error, asyncio.CancelledError):
                 self.notify_event("failure", job.op, job.key, self.last["error"])
         elif job.op == "create" and error is not None and not isinstance(error, asyncio.CancelledError):
@@ -647,6 +653,47 @@ class BackupManager:
             self._spawn(job, partial.run(self, job, request))
         else:
             self._spawn(job, self._restore_dry(job))
+
+    async def start_replica_restore(self, at: datetime | None, request: partial.RestoreRequest | None = None,
+                                    identities: crypto.Identities | None = None) -> None:
+        """A restore of the moment ``at`` (None: the latest) from the replica (issue 16), as a
+        backup's: the databases of that moment are rebuilt and verified (``replication.restore``)
+        into a backup-like zip with the record files as they are now, which then goes the way of a
+        backup's restore: full (safety copy, swap, re-exec), partial, or a dry run."""
+        if self.replication is None or not self.replication.enabled:
+            raise BadRequest("Replication is not enabled.")
+        if self.active is not None:
+            raise Busy()
+        if request is None and self.on_restore_ready is None:
+            raise BadRequest("A restore needs the running server; use the API.")
+        key = "replica@" + (format_datetime(at) if at is not None else "latest")
+        job = self._acquire("restore", key)
+        job.request = request
+        job.identities = identities or None
+        self._spawn(job, self._replica_restore(job, at, request))
+
+    async def _replica_restore(self, job: Job, at: datetime | None, request: partial.RestoreRequest | None) -> bool:
+        from ..replication import restore as replica_restore
+
+        work = self.datadir.temp / f"replica_{random_string(10)}"
+        client = self.replication.client_now()
+        try:
+            try:
+                job.local_zip, _info = await _in_background(
+                    replica_restore.backup_zip, client, at.timestamp() if at is not None else None, self.datadir.root,
+                    work, job.advance, job.cancel, job.identities)
+                job.identities = None  # the zip of the moment is plain
+            except replica_restore.ReplicaRestoreError as exc:
+                raise BadRequest(f"The replica cannot restore that moment: {exc}.") from None
+            if request is None:
+                return await self._restore(job)
+            if request.partial:
+                await partial.run(self, job, request)
+            else:
+                await self._restore_dry(job)
+            return False
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _restore_dry(self, job: Job) -> None:
         """A full restore's dry run: fetched, extracted and verified as for a restore, then its
@@ -1137,6 +1184,11 @@ async def _archive_writing(storage: Storage, job: Job,
         raise
 
 
+@asynccontextmanager
+async def _given(path: Path) -> AsyncIterator[Path]:
+    yield path
+
+
 def job_plain_copy(manager: BackupManager, job: Job) -> Any:
     """The plaintext zip of the job's backup, decrypted with its identities if it is encrypted
     (``crypto.plain_copy``), the job's progress following the fetch, the decryption, then (the
@@ -1145,6 +1197,8 @@ def job_plain_copy(manager: BackupManager, job: Job) -> Any:
     def decrypting(total: int) -> None:
         job.bytes_total, job.bytes_done = total, 0
 
+    if job.local_zip is not None:
+        return _given(job.local_zip)
     return crypto.plain_copy(manager.storage(), job.key, manager.datadir.temp, job.advance, job.identities,
                              job.cancel, decrypting, _in_background)
 
