@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import math
 import os
 import queue
 import re
@@ -19,6 +20,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +368,77 @@ def test_failed_restore_shows_the_reason(env: Env) -> None:
     assert out["error"] == "Restore failed: data.db is not a valid SQLite database", out
     assert "restore broken.zip failed" in out["last"]
     assert env.titles() == titles
+
+
+def _stamp(moment: float) -> str:
+    return datetime.fromtimestamp(moment, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def test_point_in_time_restore(env: Env) -> None:
+    def replication() -> dict[str, Any]:
+        response = env.http.get("/api/backups/replication", headers=env.su)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def synced() -> dict[str, Any]:
+        since = _stamp(time.time())
+        return wait_for(lambda: (r := replication())["lastError"] is None and (r["window"]["to"] or "") >= since and r,
+                        "the replica to catch up", timeout=30)
+
+    response = env.http.patch("/api/settings", headers=env.su, json={"backups": {"replication": {
+        "enabled": True, "path": str(env.tmp / "replica"), "syncInterval": 200}}})
+    assert response.status_code == 200, response.text
+    try:
+        synced()  # the first snapshot: the window begins
+        for n in range(1, 6):
+            env.add_note(f"moment {n}")
+        expected = env.titles()
+        # The picker holds whole seconds: the moment is the first whole second after these writes,
+        # the next ones come after it.
+        written = time.time()
+        moment = math.ceil(written + 0.05)
+        time.sleep(moment + 0.3 - time.time())
+        for n in range(6, 11):
+            env.add_note(f"moment {n}")
+        window = synced()["window"]
+        out = env.browser.run("moment", at=moment * 1000, collection="notes",
+                              before=(datetime.fromisoformat(window["from"].replace("Z", "+00:00")).timestamp() - 3600) * 1000,
+                              after=(time.time() + 3600) * 1000)
+        panel = out["panel"]
+        assert panel["Enabled"] == "yes" and panel["Last error"] == "none", panel
+        assert re.fullmatch(r"\d+ ms|[\d.]+ s", panel["Lag"]), panel
+        assert re.fullmatch(r"[\d.]+ (B|KB|MB)", panel["Shipped"]), panel
+        span = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+        assert re.fullmatch(rf"{span} → {span} \(UTC[+−]\d\d:\d\d\)", panel["Restorable window"]), panel
+        assert out["title"] == "Restore a moment" and out["focused"] == "restore-at"
+        assert out["identityShown"] is False  # the backups are not encrypted here
+        start = datetime.fromisoformat(window["from"].replace("Z", "+00:00")).timestamp()
+        assert out["limits"]["min"] == math.ceil(start) * 1000, (out["limits"], window)
+        assert out["limits"]["max"] >= moment * 1000 >= out["limits"]["min"], (out["limits"], moment)
+        too_early, too_late = out["refused"]
+        for refused in (too_early, too_late):
+            assert " is outside the restorable window: choose a moment from " in refused, refused
+        assert out["postedForRefused"] == 0  # refused in the page, no job started
+        assert out["utc"] == f"That is {_stamp(moment)[:19]} UTC.", out["utc"]
+        assert out["preview"]["caption"] == "Dry run: what the restore would change"
+        [row] = out["preview"]["rows"]
+        assert row[0] == "notes" and row[1:4] == ["0", "0", "5"], row  # the five written after the moment
+        assert out["previewResult"].startswith("Dry run finished: nothing was changed."), out
+        assert out["disabledWhenWrong"] is True
+        assert out["error"] == "" and out["result"].startswith(
+            f"Restored the collections as they were at {out['confirmWord']}."), out
+        assert out["done"]["rows"] == out["preview"]["rows"]
+        assert env.titles() == expected  # notes as they were at that moment
+        last = env.status()["last"]
+        assert last["ok"] and last["key"] == f"replica@{_stamp(moment)}", last
+    finally:
+        assert env.http.patch("/api/settings", headers=env.su,
+                              json={"backups": {"replication": {"enabled": False}}}).status_code == 200
+        # The notes as they were before this test (the hostile one among the newest, for the next).
+        items = env.http.get("/api/collections/notes/records?perPage=100", headers=env.su).json()["items"]
+        for record in items:
+            if record["title"].startswith("moment "):
+                env.http.delete(f"/api/collections/notes/records/{record['id']}", headers=env.su)
 
 
 def test_hostile_strings_are_text(env: Env) -> None:

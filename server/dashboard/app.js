@@ -1,4 +1,5 @@
-// The dashboard: sign-in, backups, settings and a read-only collections overview, over the public API.
+// The dashboard: sign-in, backups, replication (point-in-time restore), settings and a read-only
+// collections overview, over the public API.
 // Every value from the API is put into the page as text (textContent, attributes), never as HTML.
 
 import { ApiError, auth, describe, fieldErrors, request, upload } from "./api.js";
@@ -55,6 +56,30 @@ function fmtAgo(value) {
   const text = s < 60 ? `${s} s` : s < 3600 ? `${Math.round(s / 60)} min` : s < 86400 ? `${Math.round(s / 3600)} h`
     : `${Math.round(s / 86400)} d`;
   return future ? `in ${text}` : `${text} ago`;
+}
+
+/** A moment as the contract's datetime (UTC, to the millisecond). */
+function wireDate(date) {
+  return date.toISOString().replace("T", " ");
+}
+
+/** A moment as a ``datetime-local`` input's value (local time, to the second). */
+function localInput(date) {
+  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}T${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`;
+}
+
+/** This page's offset from UTC, e.g. "UTC+01:00". */
+function localZone(date = new Date()) {
+  const minutes = -date.getTimezoneOffset();
+  const sign = minutes < 0 ? "−" : "+";
+  return `UTC${sign}${pad(Math.floor(Math.abs(minutes) / 60))}:${pad(Math.abs(minutes) % 60)}`;
+}
+
+function fmtLag(ms) {
+  if (typeof ms !== "number" || !Number.isFinite(ms)) return "—";
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
+  return `${Math.round(ms / 60000)} min`;
 }
 
 function fmtSize(bytes) {
@@ -164,6 +189,8 @@ const state = {
   info: new Map(), // key -> info (the catalog), when the server has it
   catalog: false, // the server has the catalog routes (status.stats present)
   status: null,
+  replication: null, // GET /api/backups/replication's answer; null: not known (or no such route)
+  replicationRoute: true, // false once the server answered 404: not polled again
   settings: null,
   statusTimer: 0,
   polling: false,
@@ -234,6 +261,7 @@ async function pollStatus() {
   } catch (error) {
     if (error instanceof ApiError && error.status === 0) setText("job-active", "The server cannot be reached; retrying…");
   }
+  await loadReplication();
   if (!state.polling) return;
   const busy = state.status?.active || state.following > 0;
   state.statusTimer = setTimeout(pollStatus, busy ? 500 : 4000);
@@ -313,6 +341,56 @@ function renderStats(status) {
   add("Last success", when(stats.lastSuccess, "finishedAt"));
   add("Next scheduled", stats.nextScheduled ? when(stats.nextScheduled) : "none");
   if (stats.stale) add("Alert", "No recent successful backup.", { class: "fail", "data-testid": "stale" });
+}
+
+// --- replication (point-in-time restore) -------------------------------------------------------
+
+async function loadReplication() {
+  if (!state.replicationRoute || !state.polling) return state.replication;
+  try {
+    applyReplication(await request("GET", "/api/backups/replication", { timeout: 10000 }));
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) {
+      state.replicationRoute = false;
+      applyReplication(null);
+    }
+    // otherwise (a restart, a timeout): the last answer stays shown until the next poll
+  }
+  return state.replication;
+}
+
+/** The restorable window as whole seconds (what the time picker can hold), or null. */
+function replicaWindow(r = state.replication) {
+  if (!r || !r.enabled || !r.window) return null;
+  const from = parseDate(r.window.from);
+  const to = parseDate(r.window.to);
+  if (!from || !to) return null;
+  const first = new Date(Math.ceil(from.getTime() / 1000) * 1000);
+  const last = new Date(Math.floor(to.getTime() / 1000) * 1000);
+  return first.getTime() <= last.getTime() ? { from: first, to: last } : null;
+}
+
+function applyReplication(r) {
+  state.replication = r;
+  const panel = $("replication");
+  panel.hidden = !r;
+  if (!r) return;
+  const list = $("replication-list");
+  list.replaceChildren();
+  const add = (term, value, attrs = {}) => list.append(h("dt", {}, term), h("dd", attrs, value));
+  const win = replicaWindow(r);
+  add("Enabled", r.enabled ? "yes" : "no (the backups.replication settings turn it on)", { "data-testid": "replication-enabled" });
+  if (r.enabled) {
+    add("Lag", fmtLag(r.lagMs));
+    add("Restorable window", win ? `${fmtDate(win.from)} → ${fmtDate(win.to)} (${localZone()})` : "nothing restorable yet",
+      { "data-testid": "replication-window", title: r.window ? `${r.window.from || ""} → ${r.window.to || ""}` : "" });
+    add("Shipped", fmtSize(r.bytes));
+  }
+  const error = r.lastError;
+  add("Last error", error ? (typeof error === "string" ? error : JSON.stringify(error)) : "none",
+    error ? { class: "fail", "data-testid": "replication-error" } : { "data-testid": "replication-error" });
+  $("replication-restore").disabled = !win;
+  if (restore.source === "replica" && $("restore-dialog").open) updateMomentLimits();
 }
 
 /** Poll the status until ``done(status)`` returns a value; through a restart, ``/api/health`` is
@@ -586,13 +664,18 @@ async function runPrune(keep, scope) {
 
 // --- restore ---------------------------------------------------------------------------------
 
-const restore = { key: "", running: false };
+// One dialog for both sources: a backup (``key``) or a moment of the replica (``source: "replica"``).
+const restore = { source: "backup", key: "", confirmWord: "", running: false };
 
-async function openRestore(key) {
-  restore.key = key;
-  const info = state.info.get(key);
-  setText("restore-key", key);
-  setText("restore-confirm-key", key);
+const MODE_WORDS = {
+  backup: ["merge: write the backup's records back by id, keep newer ones", "replace: the collections exactly as in the backup"],
+  replica: ["merge: write that moment's records back by id, keep newer ones", "replace: the collections exactly as at that moment"],
+};
+
+function resetRestoreDialog(title) {
+  setText("restore-title", title);
+  const words = MODE_WORDS[restore.source];
+  for (const [i, option] of [...$("restore-mode").options].entries()) option.textContent = words[i];
   setText("restore-result", "");
   setText("restore-error", "");
   $("restore-summary").replaceChildren();
@@ -600,17 +683,97 @@ async function openRestore(key) {
   $("restore-confirm").value = "";
   $("restore-identity").value = "";
   $("restore-submit").disabled = true;
+  $("restore-badges").replaceChildren();
+  document.querySelector('input[name="restore-kind"][value="full"]').checked = true;
+  $("restore-partial").hidden = true;
+  $("restore-collections").replaceChildren(h("p", { class: "muted" }, "Loading…"));
+}
+
+async function openRestore(key) {
+  restore.source = "backup";
+  restore.key = key;
+  restore.confirmWord = key;
+  const info = state.info.get(key);
+  resetRestoreDialog(`Restore ${key}`);
+  setText("restore-confirm-key", key);
+  $("restore-moment").hidden = true;
+  $("restore-identity-box").hidden = false;
   $("restore-badges").replaceChildren(
     info?.encrypted ? h("span", { class: "badge encrypted" }, "encrypted: the identity is needed") : "",
     info?.pinned ? h("span", { class: "badge pinned" }, "pinned") : "");
-  document.querySelector('input[name="restore-kind"][value="full"]').checked = true;
-  $("restore-partial").hidden = true;
-  const box = $("restore-collections");
-  box.replaceChildren(h("p", { class: "muted" }, "Loading…"));
   $("restore-dialog").showModal();
   $("restore-confirm").focus();
   // The backup's collections (the catalog) or, without it, the current ones.
-  let names = info?.collections ? Object.keys(info.collections) : null;
+  await fillRestoreCollections(info?.collections ? Object.keys(info.collections) : null);
+}
+
+/** "Restore a moment…": the same dialog with a time picker limited to the replica's window. */
+async function openReplicaRestore() {
+  restore.source = "replica";
+  restore.key = "";
+  resetRestoreDialog("Restore a moment");
+  $("restore-moment").hidden = false;
+  // The identity is asked for when the settings encrypt (the replica's files then are); an
+  // answer saying one is needed shows it too.
+  const recipients = state.settings?.backups?.encryption?.recipients;
+  $("restore-identity-box").hidden = !(Array.isArray(recipients) && recipients.length);
+  if (!$("restore-identity-box").hidden) {
+    $("restore-badges").append(h("span", { class: "badge encrypted" }, "encrypted: the identity is needed"));
+  }
+  const win = replicaWindow();
+  $("restore-at").value = win ? localInput(win.to) : "";
+  updateMomentLimits();
+  onMomentInput();
+  $("restore-dialog").showModal();
+  $("restore-at").focus();
+  await fillRestoreCollections(null); // the current collections
+}
+
+/** The picker's bounds and the window's words, from the last replication status. */
+function updateMomentLimits() {
+  const win = replicaWindow();
+  const input = $("restore-at");
+  if (win) {
+    input.min = localInput(win.from);
+    input.max = localInput(win.to);
+    setText("restore-window", `Restorable: from ${fmtDate(win.from)} to ${fmtDate(win.to)} (your local time, ${localZone()}).`);
+  } else {
+    input.removeAttribute("min");
+    input.removeAttribute("max");
+    setText("restore-window", "Nothing can be restored yet: the replica has no restorable moment.");
+  }
+}
+
+/** The picked moment as a Date, or null. */
+function pickedMoment() {
+  const value = $("restore-at").value;
+  if (!value) return null;
+  const date = new Date(value); // a datetime-local value, without an offset: local time
+  return Number.isNaN(date.getTime()) ? null : date;
+}
+
+function onMomentInput() {
+  const at = pickedMoment();
+  setText("restore-at-utc", at ? `That is ${wireDate(at).slice(0, 19)} UTC.` : "");
+  restore.confirmWord = at ? fmtDate(at) : "";
+  setText("restore-confirm-key", restore.confirmWord || "the moment (choose it first)");
+  updateRestoreButton();
+}
+
+/** ``{at}`` when the picked moment can be restored, else ``{error}`` in words. */
+function checkMoment() {
+  const at = pickedMoment();
+  if (!at) return { error: "Choose the moment to restore (date and time)." };
+  const win = replicaWindow();
+  if (!win) return { error: "Nothing can be restored yet: the replica has no restorable moment (is replication enabled?)." };
+  if (at.getTime() < win.from.getTime() || at.getTime() > win.to.getTime()) {
+    return { error: `${fmtDate(at)} is outside the restorable window: choose a moment from ${fmtDate(win.from)} to ${fmtDate(win.to)} (your local time).` };
+  }
+  return { at };
+}
+
+async function fillRestoreCollections(names) {
+  const box = $("restore-collections");
   if (!names) {
     try {
       const answer = await request("GET", "/api/collections?perPage=500&sort=name");
@@ -626,8 +789,8 @@ async function openRestore(key) {
   if (!names.length) box.append(h("p", { class: "muted" }, "No collections."));
 }
 
-function restoreBody(dryRun) {
-  const body = {};
+function restoreBody(dryRun, at) {
+  const body = at ? { at: wireDate(at) } : {};
   if (document.querySelector('input[name="restore-kind"]:checked').value === "partial") {
     body.collections = [...document.querySelectorAll('input[name="restore-collection"]:checked')].map((el) => el.value);
     body.mode = $("restore-mode").value;
@@ -642,7 +805,8 @@ function updateRestoreButton() {
   const partial = document.querySelector('input[name="restore-kind"]:checked').value === "partial";
   $("restore-partial").hidden = !partial;
   const picked = document.querySelectorAll('input[name="restore-collection"]:checked').length;
-  $("restore-submit").disabled = restore.running || $("restore-confirm").value !== restore.key || (partial && !picked);
+  $("restore-submit").disabled = restore.running || !restore.confirmWord || $("restore-confirm").value !== restore.confirmWord
+    || (partial && !picked);
   $("restore-preview").disabled = restore.running || (partial && !picked);
   $("restore-submit").textContent = partial ? "Restore these collections" : "Restore everything";
 }
@@ -666,21 +830,38 @@ async function runRestore(dryRun) {
   if (restore.running) return;
   setText("restore-result", "");
   setText("restore-error", "");
+  const replica = restore.source === "replica";
   const key = restore.key;
-  const body = restoreBody(dryRun);
+  let at = null;
+  if (replica) {
+    await loadReplication(); // the window as it is now (its end moves with the writes)
+    const checked = checkMoment();
+    if (checked.error) {
+      setText("restore-error", checked.error);
+      $("restore-at").focus();
+      return;
+    }
+    at = checked.at;
+  }
+  const body = restoreBody(dryRun, at);
   const full = !body.collections;
+  const moment = at ? fmtDate(at) : "";
+  const done = full ? (replica ? `Restored everything as it was at ${moment}.` : `Restored ${key}.`)
+    : (replica ? `Restored the collections as they were at ${moment}.` : `Restored the collections from ${key}.`);
+  const path = replica ? "/api/backups/replication/restore" : `/api/backups/${enc(key)}/restore`;
   restore.running = true;
   updateRestoreButton();
   const progress = $("restore-progress");
   try {
     const before = (await request("GET", "/api/backups/status")).last;
-    await request("POST", `/api/backups/${enc(key)}/restore`, Object.keys(body).length ? { body } : {});
+    await request("POST", path, Object.keys(body).length ? { body } : {});
     progress.replaceChildren(h("p", {}, dryRun ? "Dry run started…" : "Restore started…"));
     let restarting = false;
     const last = await follow(
       (status) => {
         const l = status.last;
-        const mine = !status.active && l && l.op === "restore" && l.key === key && !sameJob(l, before);
+        const ours = l && (replica ? String(l.key || "").startsWith("replica@") : l.key === key);
+        const mine = !status.active && ours && l.op === "restore" && !sameJob(l, before);
         return mine ? l : null;
       },
       (active) => {
@@ -696,13 +877,14 @@ async function runRestore(dryRun) {
     progress.replaceChildren();
     renderSummary(last.summary);
     if (last.ok) {
-      const what = dryRun ? "Dry run finished: nothing was changed." : full ? `Restored ${key}.` : `Restored the collections from ${key}.`;
+      const what = dryRun ? "Dry run finished: nothing was changed." : done;
       setText("restore-result", last.verified ? `${what} (verified: ${last.verified})` : what);
       $("restore-result").className = "ok";
-      if (!dryRun) flash(full ? `Restored ${key}.` : `Restored the collections from ${key}.`);
+      if (!dryRun) flash(done);
       if (!dryRun && full) await loadAppName();
     } else {
       setText("restore-error", `${dryRun ? "Dry run" : "Restore"} failed: ${last.error || "no reason given"}`);
+      if (/identity is required/.test(String(last.error || ""))) $("restore-identity-box").hidden = false;
     }
     await loadBackups();
   } catch (error) {
@@ -913,6 +1095,9 @@ function wire() {
   $("delete-confirm").addEventListener("click", confirmDelete);
   $("prune-form").addEventListener("submit", previewPrune);
   $("restore-confirm").addEventListener("input", updateRestoreButton);
+  $("restore-at").addEventListener("input", onMomentInput);
+  $("restore-at").addEventListener("change", onMomentInput);
+  $("replication-restore").addEventListener("click", () => openReplicaRestore().catch((error) => flash(describe(error), "error")));
   for (const el of document.querySelectorAll('input[name="restore-kind"]')) el.addEventListener("change", updateRestoreButton);
   $("restore-preview").addEventListener("click", () => runRestore(true));
   $("restore-form").addEventListener("submit", (event) => {

@@ -391,6 +391,66 @@ const scenarios = {
     return out;
   },
 
+  async moment({ at, before, after, collection }) {
+    // at, before, after: moments as epoch milliseconds; the picker takes local time.
+    await backupsView();
+    const local = (ms) => page.evaluate((t) => {
+      const d = new Date(t);
+      const p = (n) => String(n).padStart(2, "0");
+      return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+    }, ms);
+    const posted = () => requests.filter((u) => u.endsWith("/api/backups/replication/restore")).length;
+    const out = {};
+    await page.waitForFunction(() => !document.getElementById("replication-restore").disabled);
+    out.panel = await page.locator("#replication-list").evaluate((dl) => Object.fromEntries(
+      [...dl.querySelectorAll("dt")].map((dt) => [dt.textContent, dt.nextElementSibling.textContent])));
+    // The keyboard reaches the button; Enter opens the dialog with the picker focused.
+    await page.getByRole("button", { name: "Restore a moment…" }).focus();
+    await page.keyboard.press("Enter");
+    const input = page.getByLabel(/^Moment to restore/);
+    await input.waitFor({ state: "visible" });
+    out.focused = await page.evaluate(() => document.activeElement?.id);
+    out.title = await text("#restore-title");
+    out.identityShown = await page.locator("#restore-identity").isVisible();
+    out.limits = await input.evaluate((el) => ({ min: new Date(el.min).getTime(), max: new Date(el.max).getTime() }));
+    const preview = page.getByRole("button", { name: "Preview (dry run)" });
+    const postedBefore = posted();
+    out.refused = [];
+    for (const moment of [before, after]) {
+      await input.fill(await local(moment));
+      await preview.click();
+      out.refused.push(await waitText("#restore-error", "."));
+    }
+    out.postedForRefused = posted() - postedBefore;
+    await input.fill(await local(at));
+    out.utc = await text("#restore-at-utc");
+    await page.getByLabel("Only some collections (online, no restart)").check();
+    await page.locator("#restore-collections").getByLabel(collection, { exact: true }).check();
+    await page.getByLabel("Mode").selectOption("replace");
+    await preview.click();
+    const table = page.locator('[data-testid="restore-summary"]');
+    await table.waitFor({ timeout: 60000 });
+    const read = () => table.evaluate((t) => ({
+      caption: t.caption.textContent,
+      rows: [...t.tBodies[0].rows].map((r) => [...r.cells].map((c) => c.textContent)),
+    }));
+    out.preview = await read();
+    out.previewResult = await waitText("#restore-result", ".");
+    if (process.env.DASHBOARD_SHOTS) await page.screenshot({ path: path.join(process.env.DASHBOARD_SHOTS, "dashboard-moment-preview.png") });
+    out.confirmWord = await text("#restore-confirm-key");
+    const confirm = page.getByLabel(/Type .* to confirm/);
+    await confirm.fill("not the moment");
+    out.disabledWhenWrong = await page.locator("#restore-submit").isDisabled();
+    await confirm.fill(out.confirmWord);
+    await page.getByRole("button", { name: "Restore these collections" }).click();
+    await waitText("#restore-result", "Restored", 60000);
+    out.result = await text("#restore-result");
+    out.error = await text("#restore-error");
+    out.done = await read();
+    await page.getByRole("button", { name: "Close", exact: true }).click();
+    return out;
+  },
+
   async failedRestore({ key }) {
     return scenarios.restore({ key });
   },
