@@ -289,7 +289,10 @@ def test_settings_forms_and_s3_test(env: Env, s3_server: S3Server) -> None:
     assert out["s3Failed"].startswith("Failed to test the S3 filesystem."), out["s3Failed"]
     assert out["s3Ok"] == "Connection OK."
     assert out["secretShown"] == ""  # write-only: never shown again
+    assert out["replSync"].startswith("Must be between 0 and"), out
+    assert out["replPath"] == "Must be an absolute path.", out
     settings = env.http.get("/api/settings", headers=env.su).json()["backups"]
+    assert settings["replication"]["syncInterval"] == 500 and settings["replication"]["enabled"] is False
     assert settings["cron"] == "0 0 * * *" and settings["cronMaxKeep"] == 4
     assert settings["s3"]["enabled"] is False and settings["s3"]["bucket"] == s3["bucket"]
     assert env.status()["storage"]["kind"] == "local"

@@ -379,7 +379,7 @@ function applyReplication(r) {
   list.replaceChildren();
   const add = (term, value, attrs = {}) => list.append(h("dt", {}, term), h("dd", attrs, value));
   const win = replicaWindow(r);
-  add("Enabled", r.enabled ? "yes" : "no (the backups.replication settings turn it on)", { "data-testid": "replication-enabled" });
+  add("Enabled", r.enabled ? "yes" : "no (Settings → Continuous replication turns it on)", { "data-testid": "replication-enabled" });
   if (r.enabled) {
     add("Lag", fmtLag(r.lagMs));
     add("Restorable window", win ? `${fmtDate(win.from)} → ${fmtDate(win.to)} (${localZone()})` : "nothing restorable yet",
@@ -933,6 +933,14 @@ async function loadSettings() {
   }
   $("encryption").hidden = !b.encryption;
   if (b.encryption) $("set-recipients").value = (b.encryption.recipients || []).join("\n");
+  $("replication-settings").hidden = !b.replication;
+  if (b.replication) {
+    $("set-repl-enabled").checked = !!b.replication.enabled;
+    $("set-repl-path").value = b.replication.path || "";
+    $("set-repl-sync").value = b.replication.syncInterval ?? 1000;
+    $("set-repl-retention").value = b.replication.retention ?? 72;
+    $("set-repl-snapshot").value = b.replication.snapshotInterval ?? 24;
+  }
   $("notify").hidden = !b.notify;
   if (b.notify) {
     $("set-webhook").value = b.notify.webhookURL || "";
@@ -984,6 +992,14 @@ async function saveSettings(event) {
   if (!$("encryption").hidden) {
     const recipients = $("set-recipients").value.split("\n").map((line) => line.trim()).filter(Boolean);
     backups.encryption = { recipients };
+  }
+  if (!$("replication-settings").hidden) {
+    backups.replication = {
+      enabled: $("set-repl-enabled").checked, path: $("set-repl-path").value.trim(),
+      syncInterval: number("set-repl-sync", errors, "backups.replication.syncInterval"),
+      retention: number("set-repl-retention", errors, "backups.replication.retention"),
+      snapshotInterval: number("set-repl-snapshot", errors, "backups.replication.snapshotInterval"),
+    };
   }
   if (!$("notify").hidden) {
     backups.notify = {

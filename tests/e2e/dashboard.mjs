@@ -290,6 +290,16 @@ const scenarios = {
     await page.getByRole("button", { name: "Test the saved S3 connection" }).click();
     out.s3Ok = await waitText("#s3-result", "^(?!Testing)(.|\\n)+", 60000);
     out.secretShown = await page.getByLabel(/^Secret/).inputValue();
+    // Replication's settings: the server's validation, field by field.
+    await page.getByLabel(/^Sync interval/).fill("-1");
+    await page.getByLabel(/^Replica directory/).fill("relative/dir");
+    await save();
+    out.replSync = await fieldError("backups.replication.syncInterval");
+    out.replPath = await fieldError("backups.replication.path");
+    await page.getByLabel(/^Sync interval/).fill("500");
+    await page.getByLabel(/^Replica directory/).fill("");
+    await save();
+    await waitText("#settings-result", "Saved");
     await page.getByLabel("Store backups on S3").uncheck();
     await save();
     await waitText("#settings-result", "Saved");
