@@ -15,7 +15,7 @@ PY     := $(VENV)/bin/python
 HTTP   ?= 127.0.0.1:8090
 DIR    ?= ./pb_data
 
-.PHONY: run test soak bench bench-s3 bench-api bench-catalog bench-encryption bench-replication wrk chromium age install install-test clean
+.PHONY: bytecode run test soak bench bench-s3 bench-api bench-catalog bench-encryption bench-replication wrk chromium age install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,14 @@ age:
 	    echo "the tests need age (age-encryption.org): install it, e.g. 'sudo apt-get install -y age' on Debian/Ubuntu" >&2; exit 1; \
 	  fi; }
 
-run: install
+# The server's bytecode, written ahead: where PYTHONDONTWRITEBYTECODE is set (as on this project's
+# machines), Python would otherwise compile every module of server/ at each start, and a
+# restore's re-exec is a start (0.57 s of imports instead of 0.33 s, measured). Only changed
+# files are compiled again; a stale .pyc is never used (Python checks the source's mtime).
+bytecode: install
+	@$(PY) -m compileall -q server
+
+run: install bytecode
 	$(PY) -m server serve --http $(HTTP) --dir $(DIR)
 
 # Two pytest workers (pytest-xdist): most of a test's time is a server process starting or waiting,
@@ -64,33 +71,33 @@ run: install
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
-test: install-test
+test: install-test bytecode
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The randomised crash tests (SIGKILL at random moments of backups and restores), hundreds of
 # rounds instead of the few `make test` runs, and hypothesis with many more examples.
-soak: install-test
+soak: install-test bytecode
 	PB_SOAK=1 $(PY) -m pytest -q -m soak $(PYTEST_ARGS)
 
 BENCH_RUNS ?= 3
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-test bytecode
 	$(PY) -m bench.compare --runs $(BENCH_RUNS) $(BENCH_ARGS)
 	$(PY) -m bench.partial --runs $(BENCH_RUNS) $(PARTIAL_ARGS)
 
 # The catalog's latencies: the list with 1,000 backups and info of a backup with 10,000 entries, local and S3.
-bench-catalog: $(VENV)/.installed-test
+bench-catalog: $(VENV)/.installed-test bytecode
 	$(PY) -m bench.catalog $(BENCH_ARGS)
 
 # Encrypted backups and restores against plain ones (issue 17), the same server and data.
-bench-encryption: $(VENV)/.installed-test
+bench-encryption: $(VENV)/.installed-test bytecode
 	$(PY) -m bench.encryption --runs $(BENCH_RUNS) $(BENCH_ARGS)
 
 # `make bench-replication`: replication on/off/sync vs Litestream beside us (bench/replication.py).
-bench-replication: $(VENV)/.installed-test
+bench-replication: $(VENV)/.installed-test bytecode
 	$(PY) -m bench.replication $(BENCH_ARGS)
 
-bench-s3: $(VENV)/.installed-test
+bench-s3: $(VENV)/.installed-test bytecode
 	$(PY) -m bench.s3_memory $(BENCH_ARGS)
 
 # wrk (the HTTP load generator of bench-api): apt-get when missing and running as root.
@@ -102,7 +109,7 @@ wrk:
 	    echo "bench-api needs wrk (an HTTP load generator): install it, e.g. 'sudo apt-get install -y wrk' on Debian/Ubuntu" >&2; exit 1; \
 	  fi; }
 
-bench-api: $(VENV)/.installed-test wrk
+bench-api: $(VENV)/.installed-test bytecode wrk
 	$(PY) -m bench.api $(BENCH_ARGS)
 
 clean:
