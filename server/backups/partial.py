@@ -474,7 +474,7 @@ class _Restorer:
         """Put the new file in place of data.db (every connection to it closed): the commit."""
         live_db = self.root / "data.db"
         wal = live_db.with_name("data.db-wal")
-        if wal.exists() and wal.stat().st_size > 0:
+        if wal.exists() and wal.stat().st_size > 0 and not _last_close_clears_wal(live_db, wal):
             raise RestoreRefused("Another process has data.db open; nothing was changed.")
         faults.point("partial-before-commit")
         for leftover in (wal, live_db.with_name("data.db-shm")):
@@ -1250,6 +1250,24 @@ async def _count_records(restorer: _Restorer, db: Database, guarded: bool, check
     finally:
         checkpointed()
     await loop.run_in_executor(_COUNT_THREADS, restorer.count_records, live_file)
+
+
+def _last_close_clears_wal(live_db: Path, wal: Path) -> bool:
+    """A WAL left after this process closed its connections means another connection still has
+    the file open: SQLite's last connection checkpoints the WAL and deletes it on close. Ours
+    may not have been the last one for a moment (a connection of another thread of this process
+    that has closed since). So one more connection, which reads and closes: if it is the last,
+    SQLite checkpoints and deletes the WAL as it closes; if another process holds the file, the
+    WAL stays as it is (no explicit checkpoint, which could empty it under that process too)."""
+    try:
+        conn = sqlite3.connect(live_db, timeout=0.2, isolation_level=None)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+    return not wal.exists() or wal.stat().st_size == 0
 
 
 def _checkpoint_fully(path: Path, attempts: int = 10) -> bool:
