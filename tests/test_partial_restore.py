@@ -708,3 +708,36 @@ def test_a_replace_of_a_big_table_counts_what_changed_also_where_pages_are_alike
     last = restore_partial(fresh_server, "big.zip", {"collections": ["orders"], "mode": "replace"})
     assert last["summary"]["collections"]["orders"] == dict(expected, inserted=0, updated=1, deleted=0,
                                                             unchanged=6000), last
+
+
+def test_a_wal_left_by_another_process_refuses_the_swap_and_one_of_ours_does_not(tmp_path: Path) -> None:
+    """``_last_close_clears_wal``: the data.db swap's check that no other process holds the file."""
+    import subprocess
+    import sys
+
+    from server.backups.partial import _last_close_clears_wal
+
+    db, wal = tmp_path / "data.db", tmp_path / "data.db-wal"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE t (a)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]); "
+                               "c.execute('SELECT * FROM t').fetchall(); print('open', flush=True); time.sleep(60)", str(db)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        conn.close()
+        size = wal.stat().st_size
+        assert size > 0
+        assert not _last_close_clears_wal(db, wal)  # another process has it open: refused
+        assert wal.stat().st_size == size  # and its WAL untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _last_close_clears_wal(db, wal)  # ours alone: the last close takes the WAL away
+    assert not wal.exists()
+    check = sqlite3.connect(db)
+    assert check.execute("SELECT a FROM t").fetchall() == [(1,)]
+    check.close()
