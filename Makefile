@@ -33,27 +33,27 @@ tests/e2e/node_modules/.installed: tests/e2e/package.json tests/e2e/package-lock
 
 install: $(VENV)/.installed
 
+# $(call apt_install,COMMAND,WHO): a Debian package the project needs (named as its command),
+# installed with apt-get when missing and running as root, else a clear message and a failure.
+define apt_install
+@command -v $(1) >/dev/null 2>&1 || { \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+    apt-get install -y $(1) || { apt-get update && apt-get install -y $(1); }; \
+  else \
+    echo "$(1) is needed by $(2): install it, e.g. 'sudo apt-get install -y $(1)' on Debian/Ubuntu" >&2; exit 1; \
+  fi; }
+endef
+
 install-test: $(VENV)/.installed-test tests/e2e/node_modules/.installed chromium age
 
 # Debian's Chromium, which the dashboard's browser tests drive headless (playwright-core, no browser
-# download): apt-get when missing and running as root, else a clear message.
+# download).
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
-	  else \
-	    echo "the dashboard tests need Debian's chromium: install it, e.g. 'sudo apt-get install -y chromium'" >&2; exit 1; \
-	  fi; }
+	$(call apt_install,chromium,the dashboard tests)
 
-# age (the encryption tests decrypt our backups with the real tool, and restore what it made):
-# apt-get when missing and running as root, as for chromium.
+# age (the encryption tests decrypt our backups with the real tool, and restore what it made).
 age:
-	@command -v age >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get install -y age || { apt-get update && apt-get install -y age; }; \
-	  else \
-	    echo "the tests need age (age-encryption.org): install it, e.g. 'sudo apt-get install -y age' on Debian/Ubuntu" >&2; exit 1; \
-	  fi; }
+	$(call apt_install,age,the encryption tests)
 
 # The server's bytecode, written ahead: where PYTHONDONTWRITEBYTECODE is set (as on this project's
 # machines), Python would otherwise compile every module of server/ at each start, and a
@@ -100,14 +100,9 @@ bench-replication: $(VENV)/.installed-test bytecode
 bench-s3: $(VENV)/.installed-test bytecode
 	$(PY) -m bench.s3_memory $(BENCH_ARGS)
 
-# wrk (the HTTP load generator of bench-api): apt-get when missing and running as root.
+# wrk (the HTTP load generator of bench-api).
 wrk:
-	@command -v wrk >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }; \
-	  else \
-	    echo "bench-api needs wrk (an HTTP load generator): install it, e.g. 'sudo apt-get install -y wrk' on Debian/Ubuntu" >&2; exit 1; \
-	  fi; }
+	$(call apt_install,wrk,make bench-api (an HTTP load generator))
 
 bench-api: $(VENV)/.installed-test bytecode wrk
 	$(PY) -m bench.api $(BENCH_ARGS)

@@ -297,7 +297,7 @@ class Database:
                 async with self._write_lock:
                     pinned = False
                     if self.replica is None or await asyncio.to_thread(self.replica.before_checkpoint):
-                        pinned = await asyncio.to_thread(_pin_main_file, conn, self.path)
+                        pinned = await asyncio.to_thread(pin_main_file, conn, self.path)
                 if pinned:
                     break
                 await asyncio.sleep(0.05)
@@ -329,7 +329,7 @@ def _passive_checkpoint(conn: sqlite3.Connection) -> None:
         pass
 
 
-def _pin_main_file(conn: sqlite3.Connection, path: Path) -> bool:
+def pin_main_file(conn: sqlite3.Connection, path: Path) -> bool:
     """Checkpoint the WAL fully and open a read transaction on the main file alone.
 
     Called with our writers paused; returns False (and leaves no transaction open) if the main file

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import faults
+from ..database import pin_main_file
 from . import ltx, wal
 
 if TYPE_CHECKING:
@@ -327,19 +328,12 @@ class DBReplica:
         return staged
 
     def _pin(self, conn: sqlite3.Connection) -> tuple[int, int] | None:
-        try:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        except sqlite3.OperationalError:
+        """The main file pinned as the backup's snapshot pins it (``database.pin_main_file``):
+        (page size, pages) of that state, or None if it cannot be pinned this time."""
+        if not pin_main_file(conn, self.db.path):
             return None
-        if busy:
-            return None
-        conn.execute("BEGIN")
         pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
         page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        fd = self.db.wal_fd()
-        if fd is not None and os.fstat(fd).st_size > 0:
-            conn.execute("ROLLBACK")
-            return None
         return page_size, pages
 
     def _encode_snapshot(self, page_size: int, pages: int, check: bool) -> Staged:

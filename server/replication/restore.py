@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,15 +118,20 @@ def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at:
     Returns {"txid", "timestamp", "files"}."""
     at_ms = None if at is None else int(at * 1000)
     snapshots = layout.snapshots(lineage, db)
-    chosen = None
     header_cache: dict[str, ltx.Header] = {}
-    for snap in reversed(snapshots):
-        if at is not None and snap.file.modified > at + SLACK:
-            continue
-        header = _header(client, snap, work, header_cache, identities)
-        if at_ms is None or header.timestamp <= at_ms:
-            chosen = snap
-            break
+
+    def first_by(candidates: Iterable[Entry]) -> tuple[Entry | None, ltx.Header | None]:
+        """The first of ``candidates`` whose transactions are not after the moment (the file's
+        time first, its header's timestamp then), with its header."""
+        for candidate in candidates:
+            if at is not None and candidate.file.modified > at + SLACK:
+                continue
+            found = _header(client, candidate, work, header_cache, identities)
+            if at_ms is None or found.timestamp <= at_ms:
+                return candidate, found
+        return None, None
+
+    chosen, _ = first_by(reversed(snapshots))
     if chosen is None:
         raise ReplicaRestoreError(f"no snapshot of {db} at or before that moment")
     partial = target.with_name(target.name + ".partial")
@@ -143,15 +149,8 @@ def restore_db(client: ReplicaClient, layout: Layout, lineage: str, db: str, at:
                 # The file that starts right after the state reached and goes furthest while it is
                 # not after the moment (a compaction, else the level-0 file): no file is skipped,
                 # so each one's checksum before must be the one the state ended on.
-                entry = None
-                for candidate in following.get(txid + 1, []):
-                    if at is not None and candidate.file.modified > at + SLACK:
-                        continue
-                    header = _header(client, candidate, work, header_cache, identities)
-                    if at_ms is None or header.timestamp <= at_ms:
-                        entry = candidate
-                        break
-                if entry is None:
+                entry, header = first_by(following.get(txid + 1, []))
+                if entry is None or header is None:  # (both or neither)
                     break  # the moment is reached, or a gap: the state before it is the latest one
                 if header.pre_apply != checksum:
                     raise ReplicaRestoreError(f"{db}: the replica's files do not follow each other (TXID {entry.min_txid})")
